@@ -1,0 +1,8 @@
+//! Benchmark harnesses of pagestream: synthetic memory images, the baselines every figure is
+//! compared against, and the runners behind `pagestream bench` and `pagestream codec bench`.
+//! Criterion micro-benchmarks live beside the code they measure (`pagecodec/benches/`).
+
+pub mod baseline;
+pub mod codec_bench;
+pub mod imagegen;
+pub mod machine;

@@ -1,0 +1,45 @@
+//! `pagestream`: the command-line tool.
+
+mod codec_cmd;
+mod demo;
+mod migrate;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pagestream",
+    version,
+    about = "Fast, verified live migration of virtual machine memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Migrate a generated guest memory image through the page codec and show what it does.
+    Demo(demo::DemoArgs),
+    /// The page codec: make test images, measure it against zstd and LZ4.
+    #[command(subcommand)]
+    Codec(codec_cmd::CodecCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Codec(cmd) => codec_cmd::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("pagestream: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
