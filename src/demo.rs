@@ -27,6 +27,8 @@ pub struct DemoArgs {
 
 /// Share of memory the guest dirties before each later pass, in percent.
 const DIRTY_PERCENT: [u64; 2] = [10, 2];
+/// Share of memory that takes most of the guest's writes.
+const HOT_PERCENT: u64 = 8;
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let size = parse_size(&args.size)
@@ -131,16 +133,23 @@ fn run_pass(
 
 /// The guest at work: it writes to about `percent`% of its pages, in clusters, the way programs
 /// do, and returns the pages dirty tracking would report (sorted, as a scan of the dirty bitmap
-/// yields them). Many writes change a few words (counters, pointers); some pages are rewritten
-/// with the bytes they held (dirty tracking's false positives); some get new content, are
-/// freed (zeroed) or receive a copy of another page.
+/// yields them). Most writes land in a hot working set (the first [`HOT_PERCENT`]% of memory
+/// from a seeded offset), the rest anywhere. Many writes change a few words (counters,
+/// pointers); some pages are rewritten with the bytes they held (dirty tracking's false
+/// positives); some get new content, are freed (zeroed) or receive a copy of another page.
 fn guest_writes(memory: &mut MemoryImage, rng: &mut Rng, percent: u64) -> Vec<PageAddr> {
     let pages = memory.layout().total_pages();
     let target = pages * percent / 100;
+    let hot = (pages * HOT_PERCENT / 100).max(1);
+    let hot_start = pages / 3;
     let mut dirty = std::collections::BTreeSet::new();
     let started = Instant::now();
     while (dirty.len() as u64) < target && started.elapsed() < Duration::from_secs(30) {
-        let start = rng.below(pages);
+        let start = if rng.chance(80) && hot_start + hot <= pages {
+            hot_start + rng.below(hot)
+        } else {
+            rng.below(pages)
+        };
         let run = (1 + rng.small(5)).min(pages - start);
         for index in start..start + run {
             let addr = PageAddr::new(0, index);

@@ -291,8 +291,7 @@ proptest! {
                     let at = 32 + at % (body_end - 32);
                     frame[at] = byte;
                 }
-                let sum = xxhash_rust::xxh3::xxh3_64(&frame[..body_end]);
-                frame[body_end..].copy_from_slice(&sum.to_le_bytes());
+                pagecodec::wire::reseal(frame);
             }
         }
         let _ = decode_lenient(&enc);

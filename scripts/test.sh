@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Installs whatever the test suite needs, then runs all of it:
+#   formatting, lints, the whole workspace's tests, documentation, benchmarks (compiled),
+#   the fuzz target (built and run over its corpus).
+#
+# Needs Debian (or Ubuntu) with Rust (rustup). Missing system packages are installed with
+# apt-get, which needs root. A prerequisite that cannot be had is a failure, never a skip.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+fail() { printf '\n\033[1;31mFAILED: %s\033[0m\n' "$*" >&2; exit 1; }
+
+# --- prerequisites --------------------------------------------------------------------------
+
+# Debian packages the suite needs: a C/C++ toolchain for zstd and libFuzzer.
+APT_PACKAGES=(build-essential pkg-config)
+
+install_packages() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    step "installing Debian packages: ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+        fail "missing packages ${missing[*]}: run this script as root, or apt-get install them"
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q || fail "apt-get update failed"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || fail "apt-get install ${missing[*]} failed"
+}
+
+install_cargo_tool() {
+    local tool=$1 crate=$2
+    if ! cargo "$tool" --version >/dev/null 2>&1; then
+        step "installing $crate"
+        cargo install --locked "$crate" || fail "cargo install $crate failed"
+    fi
+}
+
+command -v dpkg-query >/dev/null || fail "this script needs a Debian-based system (dpkg)"
+command -v cargo >/dev/null || fail "cargo not found: install Rust with rustup (https://rustup.rs)"
+install_packages "${APT_PACKAGES[@]}"
+if command -v rustup >/dev/null; then
+    rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+    rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is missing (rustup component add rustfmt)"
+cargo clippy --version >/dev/null 2>&1 || fail "clippy is missing (rustup component add clippy)"
+install_cargo_tool nextest cargo-nextest
+install_cargo_tool fuzz cargo-fuzz
+
+# --- checks ---------------------------------------------------------------------------------
+
+step "formatting"
+cargo fmt --all -- --check || fail "code is not formatted: run cargo fmt --all"
+(cd fuzz && cargo fmt -- --check) || fail "fuzz/ is not formatted: run cargo fmt in fuzz/"
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings || fail "clippy found problems"
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast || fail "tests failed"
+cargo test --workspace --doc --locked || fail "documentation tests failed"
+
+step "documentation"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked || fail "cargo doc found problems"
+
+step "benchmarks compile"
+cargo bench --workspace --no-run --locked || fail "benchmarks do not build"
+
+step "fuzz target: build, then run over its corpus and beyond for a while"
+(
+    cd fuzz
+    # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
+    export RUSTC_BOOTSTRAP=1
+    cargo fuzz build frame_decoder || fail "fuzz target does not build"
+    mkdir -p target/corpus-run
+    cargo fuzz run frame_decoder target/corpus-run corpus/frame_decoder -- \
+        -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 \
+        || fail "the fuzzer found a crash (see fuzz/artifacts)"
+)
+
+step "all checks passed"

@@ -1,0 +1,171 @@
+//! The `pagestream` command line, end to end: what a user types, what they get back.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn pagestream(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pagestream"))
+        .args(args)
+        .output()
+        .expect("pagestream runs")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pagestream-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn gen_image(dir: &Path, size: &str, mix: &str) -> PathBuf {
+    let path = dir.join(format!("{size}-{}.img", mix.len()));
+    let out = pagestream(&[
+        "codec",
+        "gen",
+        "--size",
+        size,
+        "--mix",
+        mix,
+        "--seed",
+        "3",
+        "-o",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    path
+}
+
+#[test]
+fn codec_bench_json_reports_every_field_and_a_verified_round_trip() {
+    let dir = scratch_dir("bench");
+    let image = gen_image(
+        &dir,
+        "8M",
+        "zero=30,text=20,ints=10,ptrs=10,code=10,random=10,dup=10",
+    );
+    let out = pagestream(&[
+        "codec",
+        "bench",
+        "--image",
+        image.to_str().unwrap(),
+        "--json",
+        "--repeat",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "pages",
+        "raw_bytes",
+        "wire_bytes",
+        "ratio",
+        "encode_mb_s",
+        "decode_mb_s",
+        "roundtrip_ok",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key}: {report}");
+    }
+    for baseline in ["zstd1", "lz4"] {
+        for key in ["wire_bytes", "encode_mb_s", "decode_mb_s"] {
+            assert!(
+                report[baseline].get(key).is_some(),
+                "missing {baseline}.{key}"
+            );
+        }
+    }
+    assert_eq!(report["pages"], 2048);
+    assert_eq!(report["raw_bytes"], 8 << 20);
+    assert_eq!(report["roundtrip_ok"], true);
+    let wire = report["wire_bytes"].as_u64().unwrap();
+    assert!(wire < 8 << 20, "no compression at all: {wire}");
+    // Pages by class add up to the image.
+    let classes = report["classes"].as_object().unwrap();
+    let total: u64 = classes.values().map(|c| c["pages"].as_u64().unwrap()).sum();
+    assert_eq!(total, 2048);
+    assert!(classes["zero"]["pages"].as_u64().unwrap() > 0);
+    assert!(classes["duplicate"]["pages"].as_u64().unwrap() > 0);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn codec_bench_with_threads_and_a_ragged_image() {
+    let dir = scratch_dir("ragged");
+    let image = dir.join("ragged.img");
+    // Not a whole number of pages: the last page is padded.
+    let bytes: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, bytes).unwrap();
+    let out = pagestream(&[
+        "codec",
+        "bench",
+        "--image",
+        image.to_str().unwrap(),
+        "--json",
+        "--repeat",
+        "1",
+        "--threads",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["pages"], 10);
+    assert_eq!(report["threads"], 3);
+    assert_eq!(report["roundtrip_ok"], true);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_a_failure_status() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["codec", "bench", "--image", "/nonexistent/image"],
+            "cannot read memory image",
+        ),
+        (
+            &["codec", "gen", "--size", "12Q", "-o", "/tmp/x"],
+            "unknown unit",
+        ),
+        (
+            &["codec", "gen", "--mix", "zero=1,gold=2", "-o", "/tmp/x"],
+            "unknown content kind 'gold'",
+        ),
+        (
+            &["codec", "gen", "--size", "1M", "-o", "/nonexistent/dir/x"],
+            "cannot write",
+        ),
+        (
+            &["codec", "bench", "--image", "/dev/null", "--threads", "0"],
+            "--threads",
+        ),
+        (&["demo", "--size", "1K"], "--size must be between"),
+    ];
+    for (args, message) in cases {
+        let out = pagestream(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(
+            err.contains(message),
+            "{args:?}: expected '{message}' in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
+
+#[test]
+fn demo_migrates_and_verifies() {
+    let out = pagestream(&["demo", "--size", "16M", "--streams", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("verified: all 4096 destination pages are identical"),
+        "{text}"
+    );
+    for class in ["zero", "unchanged", "lz4"] {
+        assert!(
+            text.contains(class),
+            "class {class} missing from the report: {text}"
+        );
+    }
+}
