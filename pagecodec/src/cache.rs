@@ -9,8 +9,9 @@
 //! (a page of a shared library mapped by many processes) while a one-off stream of unique pages
 //! flows through.
 //!
-//! Slot storage grows on demand up to its capacity, so a small migration never touches the whole
-//! budget.
+//! Slot storage is reserved at once but only becomes resident as it is written, unless the owner
+//! asks for it up front with `prefault` (the encoder does, so that the page stream never waits
+//! for the kernel to hand out memory).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -21,7 +22,8 @@ use crate::page::{PAGE_SIZE, Page, PageAddr};
 #[derive(Debug)]
 pub(crate) struct PageSlots {
     capacity: u32,
-    data: Vec<u8>,
+    /// `capacity` pages; zero-initialised memory that the kernel maps on first write.
+    data: Box<[u8]>,
     referenced: Vec<bool>,
     hand: u32,
 }
@@ -30,9 +32,19 @@ impl PageSlots {
     pub(crate) fn new(capacity: u32) -> Self {
         Self {
             capacity,
-            data: Vec::new(),
-            referenced: Vec::new(),
+            data: vec![0u8; capacity as usize * PAGE_SIZE].into_boxed_slice(),
+            referenced: Vec::with_capacity(capacity as usize),
             hand: 0,
+        }
+    }
+
+    /// Makes the slots' memory resident now rather than on first use.
+    pub(crate) fn prefault(&mut self) {
+        for page in self.data.chunks_exact_mut(PAGE_SIZE) {
+            // A volatile write, so the store is not optimised away as redundant on memory that
+            // is known to be zero.
+            // SAFETY: `page` is a valid, exclusively borrowed, non-empty byte slice.
+            unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
         }
     }
 
@@ -47,8 +59,8 @@ impl PageSlots {
         debug_assert!(self.capacity > 0);
         if self.used() < self.capacity {
             let slot = self.used();
-            self.data.extend_from_slice(page);
             self.referenced.push(false);
+            self.page_mut(slot).copy_from_slice(page);
             return (slot, false);
         }
         loop {
@@ -150,9 +162,13 @@ impl DupIndex {
     pub(crate) fn new(capacity: u32) -> Self {
         Self {
             slots: PageSlots::new(capacity),
-            by_digest: DigestMap::default(),
-            slot_digest: Vec::new(),
+            by_digest: DigestMap::with_capacity_and_hasher(capacity as usize, Default::default()),
+            slot_digest: Vec::with_capacity(capacity as usize),
         }
+    }
+
+    pub(crate) fn prefault(&mut self) {
+        self.slots.prefault();
     }
 
     /// The slot holding exactly `page`, compared byte for byte: the digest only finds the
@@ -198,6 +214,10 @@ impl DeltaCache {
             by_addr: AddrMap::default(),
             slot_addr: Vec::new(),
         }
+    }
+
+    pub(crate) fn prefault(&mut self) {
+        self.slots.prefault();
     }
 
     /// The slot caching `addr`.
