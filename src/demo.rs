@@ -215,7 +215,7 @@ fn print_report(passes: &[(String, PassStats)], size: u64) {
         total.elapsed += s.elapsed;
     }
     print_row("total", &total);
-    println!("\npages by class (share of pages sent, and of wire bytes):");
+    println!("\npages by class (share of the pages each pass sent):");
     for (label, s) in passes
         .iter()
         .map(|(l, s)| (l.as_str(), s))
