@@ -230,6 +230,10 @@ pub struct Encoder {
     dup: Option<DupIndex>,
     delta: Option<DeltaCache>,
     scratch: Scratch,
+    /// Percentage of LZ4 groups that are compressed; the others go raw.
+    lz4_share: u32,
+    /// Accumulates `lz4_share` per group; a group is compressed when it reaches 100.
+    lz4_credit: u32,
     stats: EncoderStats,
 }
 
@@ -296,6 +300,8 @@ impl Encoder {
                 // The 32-bit table: faster and tighter than the 16-bit one even on single pages.
                 table: Lz4Table(CompressTable::large()),
             },
+            lz4_share: 100,
+            lz4_credit: 0,
             stats: EncoderStats::default(),
             layout: config.layout,
         };
@@ -594,8 +600,17 @@ impl Encoder {
             flags |= record::ADMIT_DELTA;
         }
         let raw_len = count as usize * PAGE_SIZE;
+        self.lz4_credit += self.lz4_share;
+        let compress = self.lz4_credit >= 100;
+        if compress {
+            self.lz4_credit -= 100;
+        }
         let s = &mut self.scratch;
-        let len = Scratch::compress(&mut s.table, &s.group[..raw_len], &mut s.lz4[..]);
+        let len = if compress {
+            Scratch::compress(&mut s.table, &s.group[..raw_len], &mut s.lz4[..])
+        } else {
+            raw_len
+        };
         let lz4_cost = varint_len(u64::from(count)) + varint_len(len as u64) + len;
         if lz4_cost < raw_len {
             let begin = self.frame.pos;
@@ -702,6 +717,19 @@ impl Encoder {
     /// Number of finished frames waiting to be taken.
     pub fn ready_frames(&self) -> usize {
         self.ready.len()
+    }
+
+    /// Sets the percentage (0 to 100) of LZ4 groups that are compressed; the others are sent as
+    /// raw pages. Zero, unchanged, duplicate and delta detection are not affected. For links
+    /// faster than compression: a transport lowers the share while its link waits for the
+    /// encoder, and raises it when the encoder waits for the link. The default is 100.
+    pub fn set_lz4_share(&mut self, percent: u32) {
+        self.lz4_share = percent.min(100);
+    }
+
+    /// The current share of LZ4 groups that are compressed, in percent.
+    pub fn lz4_share(&self) -> u32 {
+        self.lz4_share
     }
 
     /// Hands a frame buffer (one that was sent, or a fresh one) to the encoder for reuse; new

@@ -86,6 +86,7 @@ struct Scenario {
     frame_bytes: u32,
     shards: u32,
     sequential_runs: bool,
+    lz4_share: u32,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -105,9 +106,19 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         prop_oneof![Just(64u32), 1u32..20_000, Just(256 << 10)],
         1u32..5,
         any::<bool>(),
+        prop_oneof![Just(100u32), 0u32..=100],
     )
         .prop_map(
-            |(regions, writes, dup_slots, delta_slots, frame_bytes, shards, sequential_runs)| {
+            |(
+                regions,
+                writes,
+                dup_slots,
+                delta_slots,
+                frame_bytes,
+                shards,
+                sequential_runs,
+                lz4_share,
+            )| {
                 Scenario {
                     writes: writes
                         .into_iter()
@@ -124,6 +135,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     frame_bytes,
                     shards,
                     sequential_runs,
+                    lz4_share,
                 }
             },
         )
@@ -146,7 +158,9 @@ fn encode(s: &Scenario) -> Encoded {
             config.delta_cache_bytes = s.delta_slots * PAGE_SIZE as u64;
             config.target_frame_bytes = s.frame_bytes;
             config.digest_seed = u64::from(id) * 77;
-            Encoder::new(config).unwrap()
+            let mut encoder = Encoder::new(config).unwrap();
+            encoder.set_lz4_share(s.lz4_share);
+            encoder
         })
         .collect();
     let mut expected = MemoryImage::zeroed(layout.clone());

@@ -1,0 +1,786 @@
+//! The source end of a session.
+//!
+//! ```text
+//!  caller ──pages──▶ per-channel batches ──bounded queue──▶ worker i: Encoder ─▶ FrameWriter ─▶ channel i
+//!     │                                                         (one thread per channel)
+//!     └── PassEnd / Blob / Finish ──▶ control connection ◀── control reader thread, heartbeat thread
+//! ```
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender as ChannelSender, bounded, select, unbounded};
+use pagecodec::{
+    Encoder, EncoderConfig, Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr, ShardMap,
+};
+
+use crate::channel::FrameWriter;
+use crate::control::{
+    Hello, Join, KNOWN_FEATURES, MAX_BLOB_CHUNK, MAX_CHANNELS, Message, MessageReader,
+    PROTOCOL_VERSION, SessionId,
+};
+use crate::error::TransportError;
+use crate::failure::{Failure, SharedWriter};
+use crate::net::{Connector, Log, read_message, stderr_log, timeout_error, write_message};
+use crate::stats::{SessionStats, StatsSnapshot};
+
+/// Pages per batch handed from the caller to a channel worker.
+pub const BATCH_PAGES: usize = 64;
+
+/// A sensible channel count for this machine: one per CPU, at least 2, at most 8.
+pub fn default_channels() -> u16 {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8) as u16)
+}
+
+/// How a source session behaves.
+#[derive(Clone)]
+pub struct SenderConfig {
+    /// Data channels.
+    pub channels: u16,
+    /// Memory for pages and frames in flight (queued batches and unsent frames), over all
+    /// channels. Smaller makes the caller feel a slow link sooner.
+    pub inflight_bytes: usize,
+    /// The peer is considered gone after this long without an answer.
+    pub timeout: Duration,
+    /// Interval of heartbeats on the control connection.
+    pub heartbeat: Duration,
+    /// Content-cache budget of the whole session (split over the channels).
+    pub dup_cache_bytes: u64,
+    /// Delta-cache budget of the whole session (split over the channels).
+    pub delta_cache_bytes: u64,
+    /// Send part of the pages uncompressed when the link is faster than compression.
+    pub adaptive_compression: bool,
+    /// Size at which the encoders close a frame (it must stay under the destination's frame
+    /// limit, 1 MiB by default).
+    pub frame_bytes: u32,
+    /// Where log lines go.
+    pub log: Log,
+}
+
+impl std::fmt::Debug for SenderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SenderConfig")
+            .field("channels", &self.channels)
+            .field("inflight_bytes", &self.inflight_bytes)
+            .field("timeout", &self.timeout)
+            .field("adaptive_compression", &self.adaptive_compression)
+            .finish()
+    }
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            channels: default_channels(),
+            inflight_bytes: 64 << 20,
+            timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(1),
+            dup_cache_bytes: pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES,
+            delta_cache_bytes: pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES,
+            adaptive_compression: true,
+            frame_bytes: pagecodec::encoder::DEFAULT_TARGET_FRAME_BYTES,
+            log: stderr_log(),
+        }
+    }
+}
+
+/// What a finished session sent.
+#[derive(Clone, Debug)]
+pub struct SendSummary {
+    /// Counters at the end.
+    pub stats: StatsSnapshot,
+    /// From the handshake to the destination's `Complete`.
+    pub elapsed: Duration,
+    /// Pages the destination says it applied.
+    pub pages_applied: u64,
+    /// The data-channel backend.
+    pub backend: &'static str,
+}
+
+struct PageBatch {
+    generation: Generation,
+    addrs: Vec<PageAddr>,
+    data: Vec<u8>,
+}
+
+enum Work {
+    Pages(PageBatch),
+    Barrier(u64),
+    Finish,
+}
+
+enum WorkerEvent {
+    Barrier { channel: u16, id: u64, frames: u64 },
+    Finished { channel: u16, frames: u64 },
+}
+
+enum ControlEvent {
+    PassApplied(Generation),
+    Complete(u64),
+}
+
+/// The source end of a session.
+pub struct Sender {
+    layout: MemoryLayout,
+    map: ShardMap,
+    channels: u16,
+    generation: Generation,
+    finished: bool,
+    batches: Vec<Option<PageBatch>>,
+    work: Vec<ChannelSender<Work>>,
+    pool: Receiver<PageBatch>,
+    events: Receiver<WorkerEvent>,
+    control: SharedWriter,
+    control_events: Receiver<ControlEvent>,
+    failure: Arc<Failure>,
+    stats: Arc<SessionStats>,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    barrier: u64,
+    backend: &'static str,
+    started: Instant,
+    session_id: SessionId,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("session", &self.session_id)
+            .field("channels", &self.channels)
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Sender {
+    /// Opens a session through `connector` for guest memory of `layout`: handshake, data
+    /// channels, worker threads.
+    pub fn connect(
+        mut connector: Box<dyn Connector>,
+        layout: MemoryLayout,
+        config: SenderConfig,
+    ) -> Result<Sender, TransportError> {
+        let channels = config.channels;
+        if channels == 0 || channels > MAX_CHANNELS {
+            return Err(TransportError::Usage(format!(
+                "channel count {channels} is out of range (1 to {MAX_CHANNELS})"
+            )));
+        }
+        let session_id = SessionId::random().map_err(|source| TransportError::Connect {
+            what: "cannot draw a session id".into(),
+            source,
+        })?;
+        let control = connector.control(config.timeout)?;
+        let mut reader = control.reader;
+        let writer: SharedWriter = Arc::new(Mutex::new(control.writer));
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            features: KNOWN_FEATURES,
+            page_size: PAGE_SIZE as u32,
+            channels,
+            session_id,
+            layout: layout.clone(),
+        });
+        write_message(&mut **writer.lock().expect("not poisoned"), &hello)?;
+        let mut pending = MessageReader::new();
+        match read_message(&mut reader, &mut pending)? {
+            Message::Welcome { .. } => {}
+            Message::Refuse { reason } => return Err(TransportError::Refused { reason }),
+            other => {
+                return Err(TransportError::Protocol(format!(
+                    "expected Welcome or Refuse, got {}",
+                    other.name()
+                )));
+            }
+        }
+        let failure = Failure::new(writer.clone(), config.log.clone());
+        failure.add_killer(control.killer);
+
+        // Data channels, each with its worker.
+        let per_channel = config.inflight_bytes / usize::from(channels);
+        let writer_queue = (per_channel / 2).max(1 << 20);
+        connector.set_writer_queue(writer_queue);
+        let batch_bytes = BATCH_PAGES * PAGE_SIZE;
+        let batches_per_channel = (per_channel / 2 / batch_bytes).max(2);
+        let stats = Arc::new(SessionStats::new(usize::from(channels)));
+        let (pool_tx, pool) = unbounded();
+        for _ in 0..batches_per_channel * usize::from(channels) + usize::from(channels) {
+            pool_tx
+                .send(PageBatch {
+                    generation: 0,
+                    addrs: Vec::with_capacity(BATCH_PAGES),
+                    data: Vec::with_capacity(batch_bytes),
+                })
+                .expect("pool receiver alive");
+        }
+        let (events_tx, events) = unbounded();
+        let mut work = Vec::new();
+        let mut threads = Vec::new();
+        for channel in 0..channels {
+            let (frame_writer, killer) = connector.data(Join {
+                version: PROTOCOL_VERSION,
+                session_id,
+                channel,
+            })?;
+            failure.add_killer(killer);
+            let mut encoder_config = EncoderConfig::new(u32::from(channel), layout.clone());
+            encoder_config.dup_cache_bytes = config.dup_cache_bytes / u64::from(channels);
+            encoder_config.delta_cache_bytes = config.delta_cache_bytes / u64::from(channels);
+            encoder_config.target_frame_bytes = config.frame_bytes;
+            encoder_config.digest_seed =
+                u64::from_le_bytes(session_id.0[..8].try_into().expect("8 bytes"))
+                    ^ u64::from(channel);
+            let encoder = Encoder::new(encoder_config)
+                .map_err(|source| TransportError::Encode { channel, source })?;
+            let (work_tx, work_rx) = bounded(batches_per_channel);
+            work.push(work_tx);
+            let worker = Worker {
+                channel,
+                encoder,
+                writer: frame_writer,
+                work: work_rx,
+                pool: pool_tx.clone(),
+                events: events_tx.clone(),
+                stats: stats.clone(),
+                adaptive: config.adaptive_compression,
+            };
+            let failure = failure.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ps-send-{channel}"))
+                    .spawn(move || {
+                        if let Err(e) = worker.run() {
+                            failure.fail(e);
+                        }
+                    })
+                    .map_err(|source| TransportError::Connect {
+                        what: "cannot start a channel thread".into(),
+                        source,
+                    })?,
+            );
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let last_heard = Arc::new(Mutex::new(Instant::now()));
+        let (control_tx, control_events) = unbounded();
+        threads.push(spawn_control_reader(
+            reader,
+            pending,
+            control_tx,
+            failure.clone(),
+            stop.clone(),
+            last_heard.clone(),
+            config.timeout,
+        ));
+        threads.push(spawn_heartbeat(
+            writer.clone(),
+            failure.clone(),
+            stop.clone(),
+            last_heard,
+            config.heartbeat,
+            config.timeout,
+        ));
+        (config.log)(&format!(
+            "session {session_id}: {channels} channels over {}",
+            connector.backend()
+        ));
+        Ok(Sender {
+            map: ShardMap::new(u32::from(channels)).expect("channels > 0"),
+            layout,
+            channels,
+            generation: 0,
+            finished: false,
+            batches: (0..channels).map(|_| None).collect(),
+            work,
+            pool,
+            events,
+            control: writer,
+            control_events,
+            failure,
+            stats,
+            threads,
+            stop,
+            barrier: 0,
+            backend: connector.backend(),
+            started: Instant::now(),
+            session_id,
+        })
+    }
+
+    fn check(&self) -> Result<(), TransportError> {
+        if self.failure.has_failed() {
+            return Err(self.failure.error());
+        }
+        if self.finished {
+            return Err(TransportError::Usage(
+                "the session is already finished".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues one page of pass `generation` for sending; blocks while the memory budget is used
+    /// up (the link is slower than the caller).
+    pub fn send_page(
+        &mut self,
+        addr: PageAddr,
+        generation: Generation,
+        page: &Page,
+    ) -> Result<(), TransportError> {
+        self.check()?;
+        if !self.layout.contains_run(addr, 1) {
+            return Err(TransportError::Usage(format!(
+                "{addr} is outside guest memory"
+            )));
+        }
+        if generation < self.generation {
+            return Err(TransportError::Usage(format!(
+                "page of pass {generation} after pass {}: passes may not go back",
+                self.generation
+            )));
+        }
+        self.generation = generation;
+        let channel = self.map.shard_of(addr) as usize;
+        if self.batches[channel]
+            .as_ref()
+            .is_some_and(|b| b.generation != generation)
+        {
+            self.dispatch(channel)?;
+        }
+        if self.batches[channel].is_none() {
+            let mut batch = select! {
+                recv(self.pool) -> batch => batch.expect("the sender holds a pool sender"),
+                recv(self.failure.signal()) -> _ => return Err(self.failure.error()),
+            };
+            batch.generation = generation;
+            batch.addrs.clear();
+            batch.data.clear();
+            self.batches[channel] = Some(batch);
+        }
+        let batch = self.batches[channel].as_mut().expect("just set");
+        batch.addrs.push(addr);
+        batch.data.extend_from_slice(page);
+        if batch.addrs.len() == BATCH_PAGES {
+            self.dispatch(channel)?;
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, channel: usize) -> Result<(), TransportError> {
+        if let Some(batch) = self.batches[channel].take() {
+            self.send_work(channel, Work::Pages(batch))?;
+        }
+        Ok(())
+    }
+
+    fn send_work(&self, channel: usize, work: Work) -> Result<(), TransportError> {
+        select! {
+            send(self.work[channel], work) -> sent => sent.map_err(|_| self.failure.error()),
+            recv(self.failure.signal()) -> _ => Err(self.failure.error()),
+        }
+    }
+
+    fn dispatch_all(&mut self) -> Result<(), TransportError> {
+        for channel in 0..self.batches.len() {
+            self.dispatch(channel)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for one event from every worker; returns the frame counts per channel.
+    fn collect(
+        &self,
+        want: impl Fn(&WorkerEvent) -> Option<(u16, u64)>,
+    ) -> Result<Vec<u64>, TransportError> {
+        let mut frames = vec![None; usize::from(self.channels)];
+        while frames.iter().any(Option::is_none) {
+            let event = select! {
+                recv(self.events) -> e => e.map_err(|_| self.failure.error())?,
+                recv(self.failure.signal()) -> _ => return Err(self.failure.error()),
+            };
+            if let Some((channel, count)) = want(&event) {
+                frames[usize::from(channel)] = Some(count);
+            }
+        }
+        Ok(frames.into_iter().map(|f| f.expect("all set")).collect())
+    }
+
+    /// Ends pass `generation`: every page sent so far is flushed onto the channels and a
+    /// barrier goes to the destination, which reports when it has applied them all (see
+    /// [`Sender::wait_applied`]). The next pass may start at once.
+    pub fn end_pass(&mut self, generation: Generation) -> Result<(), TransportError> {
+        self.check()?;
+        self.dispatch_all()?;
+        self.barrier += 1;
+        let id = self.barrier;
+        for channel in 0..self.work.len() {
+            self.send_work(channel, Work::Barrier(id))?;
+        }
+        let frames = self.collect(|e| match *e {
+            WorkerEvent::Barrier {
+                channel,
+                id: got,
+                frames,
+            } if got == id => Some((channel, frames)),
+            _ => None,
+        })?;
+        self.write(&Message::PassEnd { generation, frames })
+    }
+
+    /// Waits until the destination has applied every page of pass `generation`.
+    pub fn wait_applied(&mut self, generation: Generation) -> Result<(), TransportError> {
+        loop {
+            let event = select! {
+                recv(self.control_events) -> e => e.map_err(|_| self.failure.error())?,
+                recv(self.failure.signal()) -> _ => return Err(self.failure.error()),
+            };
+            if let ControlEvent::PassApplied(g) = event
+                && g >= generation
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends opaque data (device state), delivered after every pass ended before it.
+    pub fn send_blob(&mut self, tag: u32, data: &[u8]) -> Result<(), TransportError> {
+        self.check()?;
+        let mut chunks = data.chunks(MAX_BLOB_CHUNK).peekable();
+        if chunks.peek().is_none() {
+            return self.write(&Message::Blob {
+                tag,
+                more: false,
+                data: Vec::new(),
+            });
+        }
+        while let Some(chunk) = chunks.next() {
+            self.write(&Message::Blob {
+                tag,
+                more: chunks.peek().is_some(),
+                data: chunk.to_vec(),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, message: &Message) -> Result<(), TransportError> {
+        let result = write_message(&mut **self.control.lock().expect("not poisoned"), message);
+        if let Err(e) = result {
+            self.failure.fail(e);
+            return Err(self.failure.error());
+        }
+        Ok(())
+    }
+
+    /// Sends everything still queued, ends every channel's stream and waits for the
+    /// destination to confirm that it applied all of it.
+    pub fn finish(mut self) -> Result<SendSummary, TransportError> {
+        let result = self.finish_inner();
+        if let Err(e) = &result {
+            // Make sure the peer hears of it and no thread is left blocked.
+            if !self.failure.has_failed() {
+                self.failure
+                    .fail(TransportError::AlreadyFailed(crate::error::full_message(e)));
+            }
+        }
+        result
+    }
+
+    fn finish_inner(&mut self) -> Result<SendSummary, TransportError> {
+        self.check()?;
+        self.dispatch_all()?;
+        for channel in 0..self.work.len() {
+            self.send_work(channel, Work::Finish)?;
+        }
+        let frames = self.collect(|e| match *e {
+            WorkerEvent::Finished { channel, frames } => Some((channel, frames)),
+            _ => None,
+        })?;
+        self.write(&Message::Finish { frames })?;
+        let pages_applied = loop {
+            let event = select! {
+                recv(self.control_events) -> e => e.map_err(|_| self.failure.error())?,
+                recv(self.failure.signal()) -> _ => return Err(self.failure.error()),
+            };
+            if let ControlEvent::Complete(pages) = event {
+                break pages;
+            }
+        };
+        self.finished = true;
+        self.shutdown_threads();
+        Ok(SendSummary {
+            stats: self.stats.snapshot(),
+            elapsed: self.started.elapsed(),
+            pages_applied,
+            backend: self.backend,
+        })
+    }
+
+    /// Counters now, for progress displays.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Shared counters, for a progress thread.
+    pub fn stats_handle(&self) -> Arc<SessionStats> {
+        self.stats.clone()
+    }
+
+    /// The data-channel backend in use.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Number of data channels.
+    pub fn channels(&self) -> u16 {
+        self.channels
+    }
+
+    fn shutdown_threads(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.failure.close_all();
+        self.work.clear();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if !self.finished && !self.failure.has_failed() {
+            self.failure.fail(TransportError::Usage(
+                "the source abandoned the session before finishing it".into(),
+            ));
+        }
+        self.shutdown_threads();
+    }
+}
+
+fn spawn_control_reader(
+    mut reader: Box<dyn Read + Send>,
+    mut pending: MessageReader,
+    events: ChannelSender<ControlEvent>,
+    failure: Arc<Failure>,
+    stop: Arc<AtomicBool>,
+    last_heard: Arc<Mutex<Instant>>,
+    timeout: Duration,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        loop {
+            let message = match read_message(&mut reader, &mut pending) {
+                Ok(m) => m,
+                Err(e) => {
+                    if !stop.load(Ordering::SeqCst) {
+                        failure.fail(timeout_error(e, "destination heartbeat", timeout));
+                    }
+                    return;
+                }
+            };
+            *last_heard.lock().expect("not poisoned") = Instant::now();
+            let event = match message {
+                Message::PassApplied { generation } => ControlEvent::PassApplied(generation),
+                Message::Complete { pages } => {
+                    // The session is over: the destination closes its end next, which is no
+                    // failure, and the heartbeat must stop writing.
+                    stop.store(true, Ordering::SeqCst);
+                    let _ = events.send(ControlEvent::Complete(pages));
+                    return;
+                }
+                Message::Pong(_) => continue,
+                Message::Error { channel, message } => {
+                    failure.fail(TransportError::Peer { channel, message });
+                    return;
+                }
+                other => {
+                    failure.fail(TransportError::Protocol(format!(
+                        "unexpected {} from the destination",
+                        other.name()
+                    )));
+                    return;
+                }
+            };
+            if events.send(event).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn spawn_heartbeat(
+    writer: SharedWriter,
+    failure: Arc<Failure>,
+    stop: Arc<AtomicBool>,
+    last_heard: Arc<Mutex<Instant>>,
+    interval: Duration,
+    timeout: Duration,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut nonce = 0;
+        while !stop.load(Ordering::SeqCst) && !failure.has_failed() {
+            // Sleep in short steps so that the end of the session is not held up.
+            let until = Instant::now() + interval;
+            while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20).min(interval));
+            }
+            if stop.load(Ordering::SeqCst) || failure.has_failed() {
+                return;
+            }
+            if last_heard.lock().expect("not poisoned").elapsed() > timeout {
+                failure.fail(TransportError::Timeout {
+                    what: "heartbeat",
+                    after: timeout,
+                });
+                return;
+            }
+            nonce += 1;
+            let sent = write_message(
+                &mut **writer.lock().expect("not poisoned"),
+                &Message::Ping(nonce),
+            );
+            if let Err(e) = sent {
+                if !stop.load(Ordering::SeqCst) {
+                    failure.fail(e);
+                }
+                return;
+            }
+        }
+    })
+}
+
+/// One channel's encoder and writer, on its own thread.
+struct Worker {
+    channel: u16,
+    encoder: Encoder,
+    writer: Box<dyn FrameWriter>,
+    work: Receiver<Work>,
+    pool: ChannelSender<PageBatch>,
+    events: ChannelSender<WorkerEvent>,
+    stats: Arc<SessionStats>,
+    adaptive: bool,
+}
+
+/// Batches per adaptation step of the compression share.
+const ADAPT_WINDOW: u32 = 8;
+
+impl Worker {
+    fn run(mut self) -> Result<(), TransportError> {
+        let channel = self.channel;
+        let mut waited = Duration::ZERO;
+        let mut busy = Duration::ZERO;
+        let mut window = 0;
+        let mut spare = Vec::new();
+        self.send_frames(&mut waited)?;
+        self.stats
+            .set_lz4_share(usize::from(channel), self.encoder.lz4_share());
+        loop {
+            let work = match self.work.try_recv() {
+                Ok(work) => work,
+                Err(_) => {
+                    // Nothing to encode: finish sending what is queued, then wait for work.
+                    self.writer
+                        .flush()
+                        .map_err(|source| TransportError::Channel { channel, source })?;
+                    match self.work.recv() {
+                        Ok(work) => work,
+                        Err(_) => return Ok(()),
+                    }
+                }
+            };
+            match work {
+                Work::Pages(batch) => {
+                    let started = Instant::now();
+                    let waited_before = waited;
+                    for (i, &addr) in batch.addrs.iter().enumerate() {
+                        let page: &Page = batch.data[i * PAGE_SIZE..][..PAGE_SIZE]
+                            .try_into()
+                            .expect("page-sized");
+                        self.encoder
+                            .encode(addr, batch.generation, page)
+                            .map_err(|source| TransportError::Encode { channel, source })?;
+                        self.send_frames(&mut waited)?;
+                    }
+                    self.stats
+                        .pages(usize::from(channel), batch.addrs.len() as u64);
+                    self.stats
+                        .set_classes(usize::from(channel), self.encoder.stats().classes);
+                    self.writer.reclaim(&mut spare);
+                    for buf in spare.drain(..) {
+                        self.encoder.recycle(buf);
+                    }
+                    let _ = self.pool.send(batch);
+                    busy += started.elapsed() - (waited - waited_before);
+                    window += 1;
+                    if self.adaptive && window == ADAPT_WINDOW {
+                        self.adapt(waited, busy);
+                        (waited, busy, window) = (Duration::ZERO, Duration::ZERO, 0);
+                    }
+                }
+                Work::Barrier(id) => {
+                    self.encoder.flush();
+                    self.send_frames(&mut waited)?;
+                    self.writer
+                        .flush()
+                        .map_err(|source| TransportError::Channel { channel, source })?;
+                    let frames = self.encoder.stats().frames;
+                    let _ = self.events.send(WorkerEvent::Barrier {
+                        channel,
+                        id,
+                        frames,
+                    });
+                }
+                Work::Finish => {
+                    self.encoder
+                        .finish()
+                        .map_err(|source| TransportError::Encode { channel, source })?;
+                    self.send_frames(&mut waited)?;
+                    self.writer
+                        .finish()
+                        .map_err(|source| TransportError::Channel { channel, source })?;
+                    self.stats
+                        .set_classes(usize::from(channel), self.encoder.stats().classes);
+                    let frames = self.encoder.stats().frames;
+                    let _ = self.events.send(WorkerEvent::Finished { channel, frames });
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Submits every ready frame, adding the time spent blocked to `waited`.
+    fn send_frames(&mut self, waited: &mut Duration) -> Result<(), TransportError> {
+        while let Some(frame) = self.encoder.pop_frame() {
+            self.stats.frame(usize::from(self.channel), frame.len());
+            let t = Instant::now();
+            self.writer
+                .submit(frame)
+                .map_err(|source| TransportError::Channel {
+                    channel: self.channel,
+                    source,
+                })?;
+            *waited += t.elapsed();
+        }
+        Ok(())
+    }
+
+    /// Compresses more when the link makes us wait, less when it waits for us.
+    fn adapt(&mut self, waited: Duration, busy: Duration) {
+        let total = (waited + busy).as_secs_f64().max(1e-9);
+        let wait_share = waited.as_secs_f64() / total;
+        let share = self.encoder.lz4_share();
+        let next = if wait_share > 0.25 {
+            (share + 20).min(100)
+        } else if wait_share < 0.02 {
+            share.saturating_sub(10)
+        } else {
+            share
+        };
+        if next != share {
+            self.encoder.set_lz4_share(next);
+            self.stats.set_lz4_share(usize::from(self.channel), next);
+        }
+    }
+}
