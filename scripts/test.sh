@@ -14,8 +14,9 @@ fail() { printf '\n\033[1;31mFAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 
 # --- prerequisites --------------------------------------------------------------------------
 
-# Debian packages the suite needs: a C/C++ toolchain for zstd and libFuzzer.
-APT_PACKAGES=(build-essential pkg-config)
+# Debian packages the suite needs: a C/C++ toolchain for zstd and libFuzzer; iproute2 (ip, tc)
+# for the emulated links between network namespaces.
+APT_PACKAGES=(build-essential pkg-config iproute2)
 
 install_packages() {
     local missing=()
@@ -50,6 +51,9 @@ if command -v rustup >/dev/null; then
     rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 fi
 cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is missing (rustup component add rustfmt)"
+# The transport tests emulate links between network namespaces, which needs root.
+[ "$(id -u)" -eq 0 ] || fail "the test suite creates network namespaces and must run as root"
+ip netns list >/dev/null 2>&1 || fail "network namespaces are not available (ip netns list failed)"
 cargo clippy --version >/dev/null 2>&1 || fail "clippy is missing (rustup component add clippy)"
 install_cargo_tool nextest cargo-nextest
 install_cargo_tool fuzz cargo-fuzz

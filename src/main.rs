@@ -1,5 +1,6 @@
 //! `pagestream`: the command-line tool.
 
+mod bench_cmd;
 mod codec_cmd;
 mod demo;
 mod migrate;
@@ -27,6 +28,9 @@ enum Command {
     /// The page codec: make test images, measure it against zstd and LZ4.
     #[command(subcommand)]
     Codec(codec_cmd::CodecCommand),
+    /// End-to-end benchmarks against their baselines.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Codec(cmd) => codec_cmd::run(cmd),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

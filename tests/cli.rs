@@ -169,3 +169,94 @@ fn demo_migrates_and_verifies() {
         );
     }
 }
+
+fn transport_report(args: &[&str]) -> serde_json::Value {
+    let out = pagestream(args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "verified",
+        "effective_mb_s",
+        "wire_mb_s",
+        "baseline_mb_s",
+        "link_mb_s",
+        "channels",
+        "backend",
+        "wire_bytes",
+        "raw_bytes",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key}: {report}");
+    }
+    assert_eq!(report["verified"], true, "{report}");
+    report
+}
+
+#[test]
+fn bench_transport_over_loopback() {
+    let report = transport_report(&[
+        "bench",
+        "transport",
+        "--size",
+        "8M",
+        "--repeat",
+        "1",
+        "--channels",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(report["link"], "loopback");
+    assert!(report["link_mb_s"].is_null());
+    assert_eq!(report["channels"], 3);
+    assert!(report["effective_mb_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_transport_over_an_emulated_gigabit_link() {
+    // Needs root for network namespaces; CI runs as root. Without it the command must say so.
+    let report = transport_report(&[
+        "bench",
+        "transport",
+        "--size",
+        "16M",
+        "--repeat",
+        "1",
+        "--link",
+        "1gbit",
+        "--json",
+    ]);
+    assert_eq!(report["link_mb_s"], 125.0);
+    let wire = report["wire_mb_s"].as_f64().unwrap();
+    assert!(
+        wire > 0.0 && wire < 126.0,
+        "wire rate {wire} MB/s over a 125 MB/s link"
+    );
+    // Everything it created is gone.
+    let list = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip runs");
+    let names = String::from_utf8_lossy(&list.stdout);
+    assert!(!names.contains("psb-"), "namespaces left behind: {names}");
+}
+
+#[test]
+fn bench_transport_rejects_bad_links() {
+    for (args, message) in [
+        (
+            &["bench", "transport", "--link", "5qbit"][..],
+            "unknown unit",
+        ),
+        (
+            &["bench", "transport", "--link", "200gbit"][..],
+            "out of range",
+        ),
+        (
+            &["bench", "transport", "--compression", "150"][..],
+            "--compression",
+        ),
+    ] {
+        let out = pagestream(args);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
+    }
+}

@@ -6,3 +6,5 @@ pub mod baseline;
 pub mod codec_bench;
 pub mod imagegen;
 pub mod machine;
+pub mod netns;
+pub mod transport_bench;

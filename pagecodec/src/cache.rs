@@ -216,10 +216,6 @@ impl DeltaCache {
         }
     }
 
-    pub(crate) fn prefault(&mut self) {
-        self.slots.prefault();
-    }
-
     /// The slot caching `addr`.
     pub(crate) fn slot_of(&self, addr: PageAddr) -> Option<u32> {
         self.by_addr.get(&addr).copied()

@@ -66,6 +66,10 @@ pub struct EncoderConfig {
     /// Seed of the content digests. Pass a per-migration random value: a guest that could
     /// predict digests could make the cache index degrade.
     pub digest_seed: u64,
+    /// Make the content cache's memory resident at creation, so that filling it never stalls
+    /// the page stream (a page fault per 4 KiB otherwise, expensive on some VMs). Off, memory is
+    /// taken as the cache fills, or never if admission is switched off.
+    pub prefault_caches: bool,
 }
 
 impl EncoderConfig {
@@ -78,6 +82,7 @@ impl EncoderConfig {
             delta_cache_bytes: DEFAULT_DELTA_CACHE_BYTES,
             target_frame_bytes: DEFAULT_TARGET_FRAME_BYTES,
             digest_seed: 0,
+            prefault_caches: true,
         }
     }
 }
@@ -146,6 +151,7 @@ enum Pending {
     Group {
         start: PageAddr,
         count: u32,
+        admit_dup: bool,
         admit_delta: bool,
     },
 }
@@ -232,6 +238,8 @@ pub struct Encoder {
     scratch: Scratch,
     /// Percentage of LZ4 groups that are compressed; the others go raw.
     lz4_share: u32,
+    /// Whether new content enters the content cache.
+    admit_dup: bool,
     /// Accumulates `lz4_share` per group; a group is compressed when it reaches 100.
     lz4_credit: u32,
     stats: EncoderStats,
@@ -302,17 +310,18 @@ impl Encoder {
             },
             lz4_share: 100,
             lz4_credit: 0,
+            admit_dup: true,
             stats: EncoderStats::default(),
             layout: config.layout,
         };
-        // Touch the caches' memory now, during setup: acquiring fresh memory is a page fault per
-        // 4 KiB (about 1.4 µs each on the development VMs), which would otherwise stall the page
-        // stream until the caches are full.
-        if let Some(dup) = &mut encoder.dup {
+        // Touch the content cache's memory now, during setup: acquiring fresh memory is a page
+        // fault per 4 KiB (1.4 to 10 µs each on the development VMs), which would otherwise stall
+        // the page stream until the cache is full. The delta cache only fills in later passes,
+        // at a slower pace: it takes its memory as it goes.
+        if config.prefault_caches
+            && let Some(dup) = &mut encoder.dup
+        {
             dup.prefault();
-        }
-        if let Some(delta) = &mut encoder.delta {
-            delta.prefault();
         }
         encoder.frame.buf = encoder.new_frame_buffer();
         encoder.push_start_frame(dup_slots, delta_slots);
@@ -481,7 +490,38 @@ impl Encoder {
         {
             return;
         }
-        self.add_to_group(addr, page, digest, admit_delta);
+        if self.lz4_share == 0 {
+            // Nothing will be compressed: write the page straight into the frame rather than
+            // gathering it into a group first (one copy fewer on the fastest links).
+            self.raw_record(addr, page, digest, admit_delta);
+        } else {
+            self.add_to_group(addr, page, digest, admit_delta);
+        }
+    }
+
+    /// Writes a page as a raw record of its own, with its cache side effects.
+    fn raw_record(&mut self, addr: PageAddr, page: &Page, digest: u128, admit_delta: bool) {
+        self.write_pending();
+        let mut flags = if admit_delta { record::ADMIT_DELTA } else { 0 };
+        if self.dup.is_some() && self.admit_dup {
+            flags |= record::ADMIT_DUP;
+        }
+        let start = self.frame.pos;
+        let pos = self.record_head(record::RAW | flags, addr);
+        self.frame.buf[pos..pos + PAGE_SIZE].copy_from_slice(page);
+        self.frame.pos = pos + PAGE_SIZE;
+        // Cache side effects, in the order the format fixes (see `wire`).
+        if flags & record::ADMIT_DUP != 0
+            && let Some(dup) = &mut self.dup
+        {
+            dup.insert(digest, page);
+        }
+        if let Some(delta) = &mut self.delta {
+            delta.update(addr, page, admit_delta);
+        }
+        self.frame.pages += 1;
+        self.record_done(addr, 1, PageClass::Raw, start);
+        self.close_frame_if_full();
     }
 
     /// Writes `page` as a delta against its cached previous version if that beats LZ4 of the
@@ -534,16 +574,18 @@ impl Encoder {
     /// perform them: nothing is written between now and the group's record.
     fn add_to_group(&mut self, addr: PageAddr, page: &Page, digest: u128, admit_delta: bool) {
         let next = self.frame.pending.next_addr();
+        let admit_dup = self.admit_dup;
         let joins = matches!(
             self.frame.pending,
-            Pending::Group { count, admit_delta: a, .. }
-                if next == Some(addr) && a == admit_delta && count < MAX_GROUP_PAGES
+            Pending::Group { count, admit_dup: d, admit_delta: a, .. }
+                if next == Some(addr) && a == admit_delta && d == admit_dup && count < MAX_GROUP_PAGES
         );
         if !joins {
             self.write_pending();
             self.frame.pending = Pending::Group {
                 start: addr,
                 count: 0,
+                admit_dup,
                 admit_delta,
             };
         }
@@ -554,7 +596,9 @@ impl Encoder {
         self.scratch.group[at..at + PAGE_SIZE].copy_from_slice(page);
         *count += 1;
         let full = *count == MAX_GROUP_PAGES;
-        if let Some(dup) = &mut self.dup {
+        if self.admit_dup
+            && let Some(dup) = &mut self.dup
+        {
             dup.insert(digest, page);
         }
         if let Some(delta) = &mut self.delta {
@@ -584,14 +628,15 @@ impl Encoder {
             Pending::Group {
                 start,
                 count,
+                admit_dup,
                 admit_delta,
-            } => self.write_group(start, count, admit_delta),
+            } => self.write_group(start, count, admit_dup, admit_delta),
         }
         self.close_frame_if_full();
     }
 
-    fn write_group(&mut self, start: PageAddr, count: u32, admit_delta: bool) {
-        let mut flags = if self.dup.is_some() {
+    fn write_group(&mut self, start: PageAddr, count: u32, admit_dup: bool, admit_delta: bool) {
+        let mut flags = if self.dup.is_some() && admit_dup {
             record::ADMIT_DUP
         } else {
             0
@@ -725,6 +770,13 @@ impl Encoder {
     /// encoder, and raises it when the encoder waits for the link. The default is 100.
     pub fn set_lz4_share(&mut self, percent: u32) {
         self.lz4_share = percent.min(100);
+    }
+
+    /// Whether new content enters the content cache (default: yes). Off, pages still find
+    /// duplicates among what the cache holds, but none are copied into it: for links so fast
+    /// that sending a page costs less than caching it.
+    pub fn set_dup_admission(&mut self, admit: bool) {
+        self.admit_dup = admit;
     }
 
     /// The current share of LZ4 groups that are compressed, in percent.

@@ -160,6 +160,7 @@ fn encode(s: &Scenario) -> Encoded {
             config.digest_seed = u64::from(id) * 77;
             let mut encoder = Encoder::new(config).unwrap();
             encoder.set_lz4_share(s.lz4_share);
+            encoder.set_dup_admission(!s.lz4_share.is_multiple_of(3));
             encoder
         })
         .collect();

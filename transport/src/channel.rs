@@ -54,6 +54,13 @@ pub trait FrameWriter: Send {
     /// Bytes submitted but not yet handed to the network.
     fn queued_bytes(&self) -> usize;
 
+    /// Bytes submitted but not yet taken by the peer: queued here, plus what the kernel holds
+    /// unsent for a socket. Large means the link (or the peer) is the bottleneck; zero means it
+    /// waits for us.
+    fn backlog(&self) -> usize {
+        self.queued_bytes()
+    }
+
     /// Waits until every submitted frame is handed to the network.
     fn flush(&mut self) -> Result<(), ChannelError>;
 
@@ -66,6 +73,15 @@ pub trait FrameReader: Send {
     /// The next whole frame, valid until the next call; `None` once the peer finished and every
     /// frame was read. Frames longer than the reader's limit are an error.
     fn next_frame(&mut self) -> Result<Option<&[u8]>, ChannelError>;
+}
+
+/// Bytes a socket's send queue holds that the peer has not yet taken (`TIOCOUTQ`), or 0 if the
+/// kernel does not say.
+pub(crate) fn socket_unsent(fd: std::os::fd::RawFd) -> usize {
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int through the pointer, which points at a live local.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unsent) };
+    if rc == 0 { unsent.max(0) as usize } else { 0 }
 }
 
 /// Default limit on a frame body accepted by readers: the encoder's frames are a quarter of that.

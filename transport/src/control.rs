@@ -146,6 +146,12 @@ pub enum Message {
     Ping(u64),
     /// Heartbeat answer.
     Pong(u64),
+    /// How busy the destination's decoder of each channel was recently, in thousandths of the
+    /// time: tells the source whether the far end or the link holds it back.
+    Feedback {
+        /// Busy share per channel, 0 to 1000.
+        busy_permille: Vec<u16>,
+    },
 }
 
 mod kind {
@@ -161,6 +167,7 @@ mod kind {
     pub const ERROR: u8 = 10;
     pub const PING: u8 = 11;
     pub const PONG: u8 = 12;
+    pub const FEEDBACK: u8 = 13;
 }
 
 /// A message that cannot be decoded.
@@ -306,6 +313,7 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::Ping(_) => "Ping",
             Message::Pong(_) => "Pong",
+            Message::Feedback { .. } => "Feedback",
         }
     }
 
@@ -378,6 +386,13 @@ impl Message {
                 out.push(kind::PONG);
                 out.extend_from_slice(&nonce.to_le_bytes());
             }
+            Message::Feedback { busy_permille } => {
+                out.push(kind::FEEDBACK);
+                out.extend_from_slice(&(busy_permille.len() as u16).to_le_bytes());
+                for v in busy_permille {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -398,6 +413,7 @@ impl Message {
             kind::ERROR => "Error",
             kind::PING => "Ping",
             kind::PONG => "Pong",
+            kind::FEEDBACK => "Feedback",
             _ => return Err(MessageError::UnknownKind { kind: kind_byte }),
         };
         let mut c = Cursor {
@@ -471,6 +487,16 @@ impl Message {
             }
             kind::PING => Message::Ping(c.u64()?),
             kind::PONG => Message::Pong(c.u64()?),
+            kind::FEEDBACK => {
+                let n = c.u16()? as usize;
+                if n > c.bytes.len() / 2 {
+                    return Err(c.malformed(format!("list of {n} entries does not fit")));
+                }
+                let busy_permille = (0..n)
+                    .map(|_| c.u16().map(|v| v.min(1000)))
+                    .collect::<Result<_, _>>()?;
+                Message::Feedback { busy_permille }
+            }
             _ => unreachable!("kind checked above"),
         };
         c.end()?;
@@ -624,6 +650,9 @@ mod tests {
             },
             Message::Ping(1),
             Message::Pong(2),
+            Message::Feedback {
+                busy_permille: vec![0, 500, 1000],
+            },
         ]
     }
 

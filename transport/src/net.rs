@@ -124,8 +124,8 @@ impl TcpBackend {
 
 /// Bytes of unsent frames a data-channel writer may hold before `submit` blocks.
 pub const DEFAULT_WRITER_QUEUE: usize = 4 << 20;
-/// Receive buffer per data channel.
-pub const DEFAULT_READER_BUFFER: usize = 4 << 20;
+/// Receive buffer per data channel (at least two of the largest frames).
+pub const DEFAULT_READER_BUFFER: usize = 2 << 20;
 
 fn socket_killer(stream: &TcpStream) -> io::Result<Killer> {
     let clone = stream.try_clone()?;

@@ -6,6 +6,7 @@
 //! the control connection (barriers, blobs, the end of the session) on the calling thread.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,12 +151,17 @@ pub fn accept(
     }
 }
 
-/// Progress of each channel's decoder, for barriers.
+/// Progress of each channel's decoder, for barriers and feedback.
 struct Progress {
     frames: Mutex<Vec<u64>>,
     done: Mutex<Vec<bool>>,
     changed: Condvar,
+    /// Nanoseconds each channel spent waiting for the next frame.
+    wait_nanos: Vec<AtomicU64>,
 }
+
+/// How often the destination tells the source how busy its decoders are.
+pub const FEEDBACK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl PendingSession {
     /// Guest memory layout of the session.
@@ -224,7 +230,9 @@ impl PendingSession {
             frames: Mutex::new(vec![0; channels]),
             done: Mutex::new(vec![false; channels]),
             changed: Condvar::new(),
+            wait_nanos: (0..channels).map(|_| AtomicU64::new(0)).collect(),
         });
+        let serving = AtomicBool::new(true);
         let limits = DecoderLimits {
             max_frame_body: DEFAULT_MAX_FRAME_BODY,
             max_cache_bytes: config.max_cache_bytes,
@@ -238,15 +246,31 @@ impl PendingSession {
                     stream_id: Some(channel as u32),
                     ..limits.clone()
                 };
-                let (failure, progress, stats) = (failure.clone(), progress.clone(), stats.clone());
-                threads.push(scope.spawn(move || {
+                let (channel_failure, progress, stats) =
+                    (failure.clone(), progress.clone(), stats.clone());
+                let named = std::thread::Builder::new().name(format!("ps-recv-{channel}"));
+                let spawned = named.spawn_scoped(scope, move || {
                     let result = receive_channel(channel, reader, sink, limits, &progress, &stats);
                     if let Err(e) = result {
-                        failure.fail(e);
+                        channel_failure.fail(e);
                     }
                     // Wake a barrier waiting on this channel, whatever happened.
                     progress.changed.notify_all();
-                }));
+                });
+                match spawned {
+                    Ok(handle) => threads.push(handle),
+                    Err(source) => {
+                        failure.fail(TransportError::Connect {
+                            what: "cannot start a channel thread".into(),
+                            source,
+                        });
+                        return Err(failure.error());
+                    }
+                }
+            }
+            {
+                let (writer, progress, failure, serving) = (&writer, &progress, &failure, &serving);
+                scope.spawn(move || send_feedback(writer, progress, failure, serving));
             }
             let result = serve_control(
                 control.reader,
@@ -257,6 +281,7 @@ impl PendingSession {
                 config.timeout,
                 &mut on_event,
             );
+            serving.store(false, Ordering::SeqCst);
             match &result {
                 Ok(()) => failure.close_all(),
                 Err(e) if !failure.has_failed() => {
@@ -359,12 +384,15 @@ fn receive_channel(
     let mut decoder = Decoder::new(limits);
     let mut frames = 0u64;
     loop {
+        let waiting = Instant::now();
         let frame = reader
             .next_frame()
             .map_err(|source| TransportError::Channel {
                 channel: index,
                 source,
             })?;
+        progress.wait_nanos[channel]
+            .fetch_add(waiting.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let Some(frame) = frame else {
             if !decoder.is_complete() {
                 return Err(TransportError::Truncated {
@@ -389,6 +417,50 @@ fn receive_channel(
         }
         progress.frames.lock().expect("not poisoned")[channel] = frames;
         progress.changed.notify_all();
+    }
+}
+
+/// Tells the source, every [`FEEDBACK_INTERVAL`], how busy each channel's decoder was, so that
+/// it can tell a slow link (compress more) from a busy destination (compress less).
+fn send_feedback(
+    writer: &SharedWriter,
+    progress: &Progress,
+    failure: &Failure,
+    serving: &AtomicBool,
+) {
+    let mut last: Vec<u64> = progress
+        .wait_nanos
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .collect();
+    let mut last_at = Instant::now();
+    while serving.load(Ordering::SeqCst) && !failure.has_failed() {
+        std::thread::sleep(Duration::from_millis(10));
+        if last_at.elapsed() < FEEDBACK_INTERVAL {
+            continue;
+        }
+        let wall = last_at.elapsed().as_nanos().max(1) as u64;
+        last_at = Instant::now();
+        // Busy = not waiting for data: decoding, applying, or waiting for a CPU. Data that is
+        // always there when the decoder asks means this end, not the link, is the bottleneck.
+        let busy_permille = progress
+            .wait_nanos
+            .iter()
+            .zip(&mut last)
+            .map(|(wait, last)| {
+                let now = wait.load(Ordering::Relaxed);
+                let waited = ((now - *last) * 1000 / wall).min(1000) as u16;
+                *last = now;
+                1000 - waited
+            })
+            .collect();
+        let sent = write_message(
+            &mut **writer.lock().expect("not poisoned"),
+            &Message::Feedback { busy_permille },
+        );
+        if sent.is_err() {
+            return;
+        }
     }
 }
 

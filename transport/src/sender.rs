@@ -7,7 +7,7 @@
 //! ```
 
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +30,17 @@ use crate::stats::{SessionStats, StatsSnapshot};
 /// Pages per batch handed from the caller to a channel worker.
 pub const BATCH_PAGES: usize = 64;
 
+/// How much of the content the encoders compress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// As much as pays: more while the link is the bottleneck, less while the encoders or the
+    /// destination are (see `next_share`).
+    Adaptive,
+    /// This percentage of LZ4 groups, always (100: everything; 0: raw pages, with zero,
+    /// unchanged and duplicate detection still on).
+    Fixed(u32),
+}
+
 /// A sensible channel count for this machine: one per CPU, at least 2, at most 8.
 pub fn default_channels() -> u16 {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8) as u16)
@@ -51,8 +62,8 @@ pub struct SenderConfig {
     pub dup_cache_bytes: u64,
     /// Delta-cache budget of the whole session (split over the channels).
     pub delta_cache_bytes: u64,
-    /// Send part of the pages uncompressed when the link is faster than compression.
-    pub adaptive_compression: bool,
+    /// How much of the content to compress.
+    pub compression: Compression,
     /// Size at which the encoders close a frame (it must stay under the destination's frame
     /// limit, 1 MiB by default).
     pub frame_bytes: u32,
@@ -66,7 +77,7 @@ impl std::fmt::Debug for SenderConfig {
             .field("channels", &self.channels)
             .field("inflight_bytes", &self.inflight_bytes)
             .field("timeout", &self.timeout)
-            .field("adaptive_compression", &self.adaptive_compression)
+            .field("compression", &self.compression)
             .finish()
     }
 }
@@ -75,12 +86,12 @@ impl Default for SenderConfig {
     fn default() -> Self {
         Self {
             channels: default_channels(),
-            inflight_bytes: 64 << 20,
+            inflight_bytes: 16 << 20,
             timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(1),
             dup_cache_bytes: pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES,
             delta_cache_bytes: pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES,
-            adaptive_compression: true,
+            compression: Compression::Adaptive,
             frame_bytes: pagecodec::encoder::DEFAULT_TARGET_FRAME_BYTES,
             log: stderr_log(),
         }
@@ -100,9 +111,14 @@ pub struct SendSummary {
     pub backend: &'static str,
 }
 
+/// Pages on their way to a worker. Zero pages are only marked, not copied: the caller's thread
+/// is on the path of every page, and copying a zero page costs more than looking at it.
 struct PageBatch {
     generation: Generation,
     addrs: Vec<PageAddr>,
+    /// Per page: whether it is all zero (and has no bytes in `data`).
+    zero: Vec<bool>,
+    /// The bytes of the non-zero pages, in order.
     data: Vec<u8>,
 }
 
@@ -212,11 +228,14 @@ impl Sender {
                 .send(PageBatch {
                     generation: 0,
                     addrs: Vec::with_capacity(BATCH_PAGES),
+                    zero: Vec::with_capacity(BATCH_PAGES),
                     data: Vec::with_capacity(batch_bytes),
                 })
                 .expect("pool receiver alive");
         }
         let (events_tx, events) = unbounded();
+        let receiver_busy: Arc<Vec<AtomicU32>> =
+            Arc::new((0..channels).map(|_| AtomicU32::new(NO_FEEDBACK)).collect());
         let mut work = Vec::new();
         let mut threads = Vec::new();
         for channel in 0..channels {
@@ -230,6 +249,9 @@ impl Sender {
             encoder_config.dup_cache_bytes = config.dup_cache_bytes / u64::from(channels);
             encoder_config.delta_cache_bytes = config.delta_cache_bytes / u64::from(channels);
             encoder_config.target_frame_bytes = config.frame_bytes;
+            // The cache takes memory as it fills; on a link faster than compression the worker
+            // stops admitting pages, and then it takes none.
+            encoder_config.prefault_caches = false;
             encoder_config.digest_seed =
                 u64::from_le_bytes(session_id.0[..8].try_into().expect("8 bytes"))
                     ^ u64::from(channel);
@@ -245,7 +267,13 @@ impl Sender {
                 pool: pool_tx.clone(),
                 events: events_tx.clone(),
                 stats: stats.clone(),
-                adaptive: config.adaptive_compression,
+                adaptive: config.compression == Compression::Adaptive,
+                busy_streak: 0,
+                fixed_share: match config.compression {
+                    Compression::Fixed(share) => Some(share.min(100)),
+                    Compression::Adaptive => None,
+                },
+                receiver_busy: receiver_busy.clone(),
             };
             let failure = failure.clone();
             threads.push(
@@ -266,15 +294,19 @@ impl Sender {
         let stop = Arc::new(AtomicBool::new(false));
         let last_heard = Arc::new(Mutex::new(Instant::now()));
         let (control_tx, control_events) = unbounded();
-        threads.push(spawn_control_reader(
-            reader,
-            pending,
-            control_tx,
-            failure.clone(),
-            stop.clone(),
-            last_heard.clone(),
-            config.timeout,
-        ));
+        threads.push(
+            ControlReader {
+                reader,
+                pending,
+                events: control_tx,
+                failure: failure.clone(),
+                stop: stop.clone(),
+                last_heard: last_heard.clone(),
+                timeout: config.timeout,
+                receiver_busy,
+            }
+            .spawn(),
+        );
         threads.push(spawn_heartbeat(
             writer.clone(),
             failure.clone(),
@@ -357,12 +389,17 @@ impl Sender {
             };
             batch.generation = generation;
             batch.addrs.clear();
+            batch.zero.clear();
             batch.data.clear();
             self.batches[channel] = Some(batch);
         }
         let batch = self.batches[channel].as_mut().expect("just set");
         batch.addrs.push(addr);
-        batch.data.extend_from_slice(page);
+        let zero = pagecodec::is_zero_page(page);
+        batch.zero.push(zero);
+        if !zero {
+            batch.data.extend_from_slice(page);
+        }
         if batch.addrs.len() == BATCH_PAGES {
             self.dispatch(channel)?;
         }
@@ -560,54 +597,76 @@ impl Drop for Sender {
     }
 }
 
-fn spawn_control_reader(
-    mut reader: Box<dyn Read + Send>,
-    mut pending: MessageReader,
+/// The thread that reads what the destination sends on the control connection.
+struct ControlReader {
+    reader: Box<dyn Read + Send>,
+    pending: MessageReader,
     events: ChannelSender<ControlEvent>,
     failure: Arc<Failure>,
     stop: Arc<AtomicBool>,
     last_heard: Arc<Mutex<Instant>>,
     timeout: Duration,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        loop {
-            let message = match read_message(&mut reader, &mut pending) {
-                Ok(m) => m,
-                Err(e) => {
-                    if !stop.load(Ordering::SeqCst) {
-                        failure.fail(timeout_error(e, "destination heartbeat", timeout));
+    receiver_busy: Arc<Vec<AtomicU32>>,
+}
+
+impl ControlReader {
+    fn spawn(self) -> JoinHandle<()> {
+        let ControlReader {
+            mut reader,
+            mut pending,
+            events,
+            failure,
+            stop,
+            last_heard,
+            timeout,
+            receiver_busy,
+        } = self;
+        std::thread::spawn(move || {
+            loop {
+                let message = match read_message(&mut reader, &mut pending) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        if !stop.load(Ordering::SeqCst) {
+                            failure.fail(timeout_error(e, "destination heartbeat", timeout));
+                        }
+                        return;
                     }
+                };
+                *last_heard.lock().expect("not poisoned") = Instant::now();
+                let event = match message {
+                    Message::PassApplied { generation } => ControlEvent::PassApplied(generation),
+                    Message::Complete { pages } => {
+                        // The session is over: the destination closes its end next, which is no
+                        // failure, and the heartbeat must stop writing.
+                        stop.store(true, Ordering::SeqCst);
+                        let _ = events.send(ControlEvent::Complete(pages));
+                        return;
+                    }
+                    Message::Pong(_) => continue,
+                    Message::Feedback { busy_permille } => {
+                        for (slot, busy) in receiver_busy.iter().zip(busy_permille) {
+                            slot.store(u32::from(busy), Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    Message::Error { channel, message } => {
+                        failure.fail(TransportError::Peer { channel, message });
+                        return;
+                    }
+                    other => {
+                        failure.fail(TransportError::Protocol(format!(
+                            "unexpected {} from the destination",
+                            other.name()
+                        )));
+                        return;
+                    }
+                };
+                if events.send(event).is_err() {
                     return;
                 }
-            };
-            *last_heard.lock().expect("not poisoned") = Instant::now();
-            let event = match message {
-                Message::PassApplied { generation } => ControlEvent::PassApplied(generation),
-                Message::Complete { pages } => {
-                    // The session is over: the destination closes its end next, which is no
-                    // failure, and the heartbeat must stop writing.
-                    stop.store(true, Ordering::SeqCst);
-                    let _ = events.send(ControlEvent::Complete(pages));
-                    return;
-                }
-                Message::Pong(_) => continue,
-                Message::Error { channel, message } => {
-                    failure.fail(TransportError::Peer { channel, message });
-                    return;
-                }
-                other => {
-                    failure.fail(TransportError::Protocol(format!(
-                        "unexpected {} from the destination",
-                        other.name()
-                    )));
-                    return;
-                }
-            };
-            if events.send(event).is_err() {
-                return;
             }
-        }
-    })
+        })
+    }
 }
 
 fn spawn_heartbeat(
@@ -661,19 +720,70 @@ struct Worker {
     events: ChannelSender<WorkerEvent>,
     stats: Arc<SessionStats>,
     adaptive: bool,
+    fixed_share: Option<u32>,
+    busy_streak: u32,
+    /// Busy share of the destination's decoders, per channel, from its feedback.
+    receiver_busy: Arc<Vec<AtomicU32>>,
 }
 
-/// Batches per adaptation step of the compression share.
-const ADAPT_WINDOW: u32 = 8;
+/// Backlog (bytes the peer has not taken yet) above which the far side is the bottleneck: a
+/// full link fills the writer's queue and the socket buffer, several MiB.
+const BACKLOG_BUSY: usize = 2 << 20;
+/// Backlog below which the far side waits for us: at most about the frame being sent (a frame
+/// is 256 KiB and more).
+const BACKLOG_IDLE: usize = 768 << 10;
+/// Decoder busy share (thousandths) above which the destination, not the link, holds us back.
+const RECEIVER_BUSY: u32 = 600;
+/// Step of the compressed share, in percent.
+const SHARE_STEP: u32 = 25;
+/// Batches in a row that must find the link full before compression goes up.
+const BUSY_CONFIRM: u32 = 4;
+/// Receiver busy share before the destination's first feedback. Until then a backlog proves
+/// nothing (the destination may still be starting its decoders), so compression does not go up.
+const NO_FEEDBACK: u32 = u32::MAX;
+
+/// The compressed share for the next batch.
+///
+/// Compression pays only while the link is the bottleneck. Where the bottleneck is shows in two
+/// measurements: this channel's backlog (bytes the destination has not taken yet: in the
+/// writer's queue and the socket's) and the busy share of the destination's decoder for this
+/// channel, which it reports every 100 ms. A backlog with an idle decoder means the link is
+/// full: compress more. No backlog means the link waits for this worker: compress less. A
+/// backlog with a busy decoder means the destination's CPU is the limit, and raw pages cost it
+/// less than compressed ones: compress less.
+///
+/// A full link keeps its backlog, while a backlog from a moment of scheduling noise (the
+/// destination's thread descheduled for a few milliseconds) does not: so compression goes up
+/// only after [`BUSY_CONFIRM`] batches in a row found the link full, and down at once.
+fn next_share(share: u32, backlog: usize, receiver_busy: u32, busy_streak: &mut u32) -> u32 {
+    if backlog > BACKLOG_BUSY && receiver_busy < RECEIVER_BUSY && receiver_busy != NO_FEEDBACK {
+        *busy_streak += 1;
+        if *busy_streak >= BUSY_CONFIRM {
+            *busy_streak = 0;
+            return (share + SHARE_STEP).min(100);
+        }
+        share
+    } else {
+        *busy_streak = 0;
+        let destination_busy = receiver_busy >= RECEIVER_BUSY && receiver_busy != NO_FEEDBACK;
+        if backlog < BACKLOG_IDLE || destination_busy {
+            share.saturating_sub(SHARE_STEP)
+        } else {
+            share
+        }
+    }
+}
 
 impl Worker {
     fn run(mut self) -> Result<(), TransportError> {
         let channel = self.channel;
-        let mut waited = Duration::ZERO;
-        let mut busy = Duration::ZERO;
-        let mut window = 0;
         let mut spare = Vec::new();
-        self.send_frames(&mut waited)?;
+        // Adaptive sessions start raw: a full link shows within a few batches and raises the
+        // share, while a fast link never has to pay for compression it does not need.
+        let share = self.fixed_share.unwrap_or(0);
+        self.encoder.set_lz4_share(share);
+        self.encoder.set_dup_admission(share > 0);
+        self.send_frames()?;
         self.stats
             .set_lz4_share(usize::from(channel), self.encoder.lz4_share());
         loop {
@@ -692,16 +802,20 @@ impl Worker {
             };
             match work {
                 Work::Pages(batch) => {
-                    let started = Instant::now();
-                    let waited_before = waited;
-                    for (i, &addr) in batch.addrs.iter().enumerate() {
-                        let page: &Page = batch.data[i * PAGE_SIZE..][..PAGE_SIZE]
-                            .try_into()
-                            .expect("page-sized");
+                    let mut next = 0;
+                    for (&addr, &zero) in batch.addrs.iter().zip(&batch.zero) {
+                        let page: &Page = if zero {
+                            &pagecodec::ZERO_PAGE
+                        } else {
+                            next += PAGE_SIZE;
+                            batch.data[next - PAGE_SIZE..next]
+                                .try_into()
+                                .expect("page-sized")
+                        };
                         self.encoder
                             .encode(addr, batch.generation, page)
                             .map_err(|source| TransportError::Encode { channel, source })?;
-                        self.send_frames(&mut waited)?;
+                        self.send_frames()?;
                     }
                     self.stats
                         .pages(usize::from(channel), batch.addrs.len() as u64);
@@ -712,16 +826,13 @@ impl Worker {
                         self.encoder.recycle(buf);
                     }
                     let _ = self.pool.send(batch);
-                    busy += started.elapsed() - (waited - waited_before);
-                    window += 1;
-                    if self.adaptive && window == ADAPT_WINDOW {
-                        self.adapt(waited, busy);
-                        (waited, busy, window) = (Duration::ZERO, Duration::ZERO, 0);
+                    if self.adaptive {
+                        self.adapt();
                     }
                 }
                 Work::Barrier(id) => {
                     self.encoder.flush();
-                    self.send_frames(&mut waited)?;
+                    self.send_frames()?;
                     self.writer
                         .flush()
                         .map_err(|source| TransportError::Channel { channel, source })?;
@@ -736,7 +847,7 @@ impl Worker {
                     self.encoder
                         .finish()
                         .map_err(|source| TransportError::Encode { channel, source })?;
-                    self.send_frames(&mut waited)?;
+                    self.send_frames()?;
                     self.writer
                         .finish()
                         .map_err(|source| TransportError::Channel { channel, source })?;
@@ -750,37 +861,60 @@ impl Worker {
         }
     }
 
-    /// Submits every ready frame, adding the time spent blocked to `waited`.
-    fn send_frames(&mut self, waited: &mut Duration) -> Result<(), TransportError> {
+    fn adapt(&mut self) {
+        let channel = usize::from(self.channel);
+        let busy = self.receiver_busy[channel].load(Ordering::Relaxed);
+        let share = self.encoder.lz4_share();
+        let next = next_share(share, self.writer.backlog(), busy, &mut self.busy_streak);
+        if next != share {
+            self.encoder.set_lz4_share(next);
+            // At no compression, caching content for duplicates costs more than it saves: stop
+            // copying pages into the cache.
+            self.encoder.set_dup_admission(next > 0);
+            self.stats.set_lz4_share(channel, next);
+        }
+    }
+
+    /// Submits every ready frame.
+    fn send_frames(&mut self) -> Result<(), TransportError> {
         while let Some(frame) = self.encoder.pop_frame() {
             self.stats.frame(usize::from(self.channel), frame.len());
-            let t = Instant::now();
             self.writer
                 .submit(frame)
                 .map_err(|source| TransportError::Channel {
                     channel: self.channel,
                     source,
                 })?;
-            *waited += t.elapsed();
         }
         Ok(())
     }
+}
 
-    /// Compresses more when the link makes us wait, less when it waits for us.
-    fn adapt(&mut self, waited: Duration, busy: Duration) {
-        let total = (waited + busy).as_secs_f64().max(1e-9);
-        let wait_share = waited.as_secs_f64() / total;
-        let share = self.encoder.lz4_share();
-        let next = if wait_share > 0.25 {
-            (share + 20).min(100)
-        } else if wait_share < 0.02 {
-            share.saturating_sub(10)
-        } else {
-            share
-        };
-        if next != share {
-            self.encoder.set_lz4_share(next);
-            self.stats.set_lz4_share(usize::from(self.channel), next);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_follows_the_bottleneck() {
+        let mut streak = 0;
+        // Link full, destination idle: compress more, once it has stayed full for a while.
+        for _ in 1..BUSY_CONFIRM {
+            assert_eq!(next_share(50, 4 << 20, 100, &mut streak), 50);
         }
+        assert_eq!(next_share(50, 4 << 20, 100, &mut streak), 75);
+        let mut streak = BUSY_CONFIRM;
+        assert_eq!(next_share(100, 4 << 20, 100, &mut streak), 100);
+        // Nothing waiting: compress less, at once.
+        let mut streak = 2;
+        assert_eq!(next_share(50, 0, 100, &mut streak), 25);
+        assert_eq!(streak, 0);
+        assert_eq!(next_share(0, 0, 0, &mut streak), 0);
+        // Backlog, but the destination is busy decoding: compress less.
+        assert_eq!(next_share(50, 4 << 20, 900, &mut streak), 25);
+        // Backlog before the destination said anything: hold, never raise.
+        let mut streak = BUSY_CONFIRM;
+        assert_eq!(next_share(50, 4 << 20, NO_FEEDBACK, &mut streak), 50);
+        // In between: hold.
+        assert_eq!(next_share(50, 1 << 20, 100, &mut streak), 50);
     }
 }

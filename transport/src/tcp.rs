@@ -2,8 +2,11 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 
-use crate::channel::{ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame};
+use crate::channel::{
+    ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame, socket_unsent,
+};
 
 /// Writes frames with `write_all`; a frame is sent (as far as this end can tell) when the call
 /// returns, so backpressure is the socket buffer filling up.
@@ -38,6 +41,10 @@ impl FrameWriter for TcpFrameWriter {
 
     fn queued_bytes(&self) -> usize {
         0
+    }
+
+    fn backlog(&self) -> usize {
+        socket_unsent(self.stream.as_raw_fd())
     }
 
     fn flush(&mut self) -> Result<(), ChannelError> {

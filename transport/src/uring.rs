@@ -16,7 +16,9 @@ use std::os::fd::AsRawFd;
 
 use io_uring::{IoUring, Probe, opcode, types};
 
-use crate::channel::{ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame};
+use crate::channel::{
+    ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame, socket_unsent,
+};
 
 /// Most frames covered by one send.
 pub const MAX_IOV: usize = 64;
@@ -207,6 +209,10 @@ impl FrameWriter for UringFrameWriter {
 
     fn queued_bytes(&self) -> usize {
         self.queued
+    }
+
+    fn backlog(&self) -> usize {
+        self.queued + socket_unsent(self.stream.as_raw_fd())
     }
 
     fn flush(&mut self) -> Result<(), ChannelError> {

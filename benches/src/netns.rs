@@ -1,0 +1,243 @@
+//! Two "hosts" on one machine: network namespaces joined by a veth pair, shaped by TBF.
+//!
+//! Needs root. Everything created is named after this process (`psb-<pid>-…`), removed when the
+//! [`LinkPair`] is dropped (also on panic), and leftovers of processes that no longer exist are
+//! removed before a new pair is made. Traffic only ever flows between the two namespaces.
+
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+/// A shaped link between a source and a destination namespace.
+#[derive(Debug)]
+pub struct LinkPair {
+    src_ns: String,
+    dst_ns: String,
+    /// Address of the source end.
+    pub src_addr: Ipv4Addr,
+    /// Address of the destination end.
+    pub dst_addr: Ipv4Addr,
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Removes namespaces left by benchmark processes that have exited.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("psb-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = run(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
+/// Whether this process may create namespaces (it runs as root).
+pub fn have_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl LinkPair {
+    /// Creates the pair with `rate` (a `tc` rate such as `1gbit`) in each direction.
+    pub fn create(rate: &str, burst_bytes: u64) -> Result<Self, String> {
+        if !have_root() {
+            return Err(
+                "emulating a link needs root (it creates network namespaces); run as root, or use --link unlimited"
+                    .into(),
+            );
+        }
+        remove_stale();
+        let pid = std::process::id();
+        let subnet = (pid % 250) as u8 + 1;
+        let pair = LinkPair {
+            src_ns: format!("psb-{pid}-src"),
+            dst_ns: format!("psb-{pid}-dst"),
+            src_addr: Ipv4Addr::new(10, 251, subnet, 1),
+            dst_addr: Ipv4Addr::new(10, 251, subnet, 2),
+        };
+        // From here on, Drop removes whatever was created, even if a step below fails.
+        let (src_if, dst_if) = (format!("psb{pid}s"), format!("psb{pid}d"));
+        let burst = format!("{burst_bytes}b");
+        let steps: Vec<Vec<String>> = vec![
+            vec![
+                "ip".into(),
+                "netns".into(),
+                "add".into(),
+                pair.src_ns.clone(),
+            ],
+            vec![
+                "ip".into(),
+                "netns".into(),
+                "add".into(),
+                pair.dst_ns.clone(),
+            ],
+            vec![
+                "ip".into(),
+                "link".into(),
+                "add".into(),
+                src_if.clone(),
+                "netns".into(),
+                pair.src_ns.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                dst_if.clone(),
+                "netns".into(),
+                pair.dst_ns.clone(),
+            ],
+            vec![
+                "ip".into(),
+                "-n".into(),
+                pair.src_ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", pair.src_addr),
+                "dev".into(),
+                src_if.clone(),
+            ],
+            vec![
+                "ip".into(),
+                "-n".into(),
+                pair.dst_ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", pair.dst_addr),
+                "dev".into(),
+                dst_if.clone(),
+            ],
+            vec![
+                "ip".into(),
+                "-n".into(),
+                pair.src_ns.clone(),
+                "link".into(),
+                "set".into(),
+                src_if.clone(),
+                "up".into(),
+            ],
+            vec![
+                "ip".into(),
+                "-n".into(),
+                pair.dst_ns.clone(),
+                "link".into(),
+                "set".into(),
+                dst_if.clone(),
+                "up".into(),
+            ],
+            vec![
+                "ip".into(),
+                "-n".into(),
+                pair.src_ns.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "ip".into(),
+                "-n".into(),
+                pair.dst_ns.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "ip".into(),
+                "netns".into(),
+                "exec".into(),
+                pair.src_ns.clone(),
+                "tc".into(),
+                "qdisc".into(),
+                "add".into(),
+                "dev".into(),
+                src_if,
+                "root".into(),
+                "tbf".into(),
+                "rate".into(),
+                rate.into(),
+                "burst".into(),
+                burst.clone(),
+                "latency".into(),
+                "10ms".into(),
+            ],
+            vec![
+                "ip".into(),
+                "netns".into(),
+                "exec".into(),
+                pair.dst_ns.clone(),
+                "tc".into(),
+                "qdisc".into(),
+                "add".into(),
+                "dev".into(),
+                dst_if,
+                "root".into(),
+                "tbf".into(),
+                "rate".into(),
+                rate.into(),
+                "burst".into(),
+                burst,
+                "latency".into(),
+                "10ms".into(),
+            ],
+        ];
+        for step in &steps {
+            let args: Vec<&str> = step.iter().map(String::as_str).collect();
+            run(&args)?;
+        }
+        Ok(pair)
+    }
+
+    /// Moves the calling thread into the source namespace (threads it starts inherit it).
+    pub fn enter_src(&self) -> io::Result<()> {
+        enter(&self.src_ns)
+    }
+
+    /// Moves the calling thread into the destination namespace.
+    pub fn enter_dst(&self) -> io::Result<()> {
+        enter(&self.dst_ns)
+    }
+}
+
+fn enter(ns: &str) -> io::Result<()> {
+    let file = File::open(format!("/var/run/netns/{ns}"))?;
+    // SAFETY: `file` is an open namespace file for the duration of the call; setns only changes
+    // the calling thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for LinkPair {
+    fn drop(&mut self) {
+        // Deleting a namespace removes the veth end in it, and with it the pair.
+        let _ = run(&["ip", "netns", "del", &self.src_ns]);
+        let _ = run(&["ip", "netns", "del", &self.dst_ns]);
+    }
+}

@@ -1,0 +1,183 @@
+//! `pagestream bench ...`: end-to-end benchmarks against their baselines.
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use pagecodec::PAGE_SIZE;
+use pagestream_benches::imagegen::{self, Mix, parse_size};
+use pagestream_benches::transport_bench::{self, TransportBenchConfig, TransportBenchReport};
+
+use crate::progress;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Stream a memory image through the transport, against raw bytes over one TCP socket.
+    Transport(TransportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TransportArgs {
+    /// A raw memory image to send; without it, one is generated (--size, --mix, --seed).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Size of the generated image.
+    #[arg(long, default_value = "256M")]
+    size: String,
+    /// Content of the generated image (see `pagestream codec gen --help`).
+    #[arg(long)]
+    mix: Option<String>,
+    /// Seed of the generated image.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Data channels (default: one per CPU, at least 2).
+    #[arg(long)]
+    channels: Option<u16>,
+    /// The link: unlimited (loopback), or a rate such as 1gbit, 10gbit, 500mbit (needs root:
+    /// two network namespaces joined by a shaped veth pair, removed afterwards).
+    #[arg(long, default_value = "unlimited")]
+    link: String,
+    /// Runs of each side; figures are medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// How much to compress: adaptive (as much as pays on this link), or a fixed percentage of
+    /// the compressible pages (100: all, 0: none).
+    #[arg(long, default_value = "adaptive")]
+    compression: String,
+    /// Use blocking sockets instead of io_uring.
+    #[arg(long)]
+    blocking: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Transport(args) => transport(args),
+    }
+}
+
+fn transport(args: TransportArgs) -> Result<()> {
+    let link = transport_bench::parse_link(&args.link)
+        .map_err(anyhow::Error::msg)
+        .context("bad --link")?;
+    let channels = args
+        .channels
+        .unwrap_or_else(pagestream_transport::default_channels);
+    if channels == 0 || channels > 64 {
+        bail!("--channels must be between 1 and 64");
+    }
+    if args.repeat == 0 || args.repeat > 50 {
+        bail!("--repeat must be between 1 and 50");
+    }
+    let image = match &args.image {
+        Some(path) => {
+            let mut bytes = fs::read(path)
+                .with_context(|| format!("cannot read memory image {}", path.display()))?;
+            if bytes.is_empty() {
+                bail!("memory image {} is empty", path.display());
+            }
+            bytes.resize(bytes.len().div_ceil(PAGE_SIZE) * PAGE_SIZE, 0);
+            bytes
+        }
+        None => {
+            let size = parse_size(&args.size)
+                .map_err(anyhow::Error::msg)
+                .context("bad --size")?;
+            if !(1 << 20..=16 << 30).contains(&size) {
+                bail!("--size must be between 1M and 16G");
+            }
+            let mix = match &args.mix {
+                Some(m) => m.parse::<Mix>().context("bad --mix")?,
+                None => Mix::realistic(),
+            };
+            let bar = progress::bytes_bar(size, "generating the image");
+            let (bytes, _) = imagegen::generate(&mix, size, args.seed, |d| bar.set_position(d));
+            bar.finish_and_clear();
+            bytes
+        }
+    };
+    let config = TransportBenchConfig {
+        channels,
+        link,
+        repeat: args.repeat,
+        compression: parse_compression(&args.compression)?,
+        blocking: args.blocking,
+    };
+    let spinner = progress::spinner("benchmarking");
+    let report = transport_bench::run(&image, &config, |step| {
+        spinner.set_message(step.to_string())
+    });
+    spinner.finish_and_clear();
+    let report = report.map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    if !report.verified {
+        bail!("the received image differs from the one sent");
+    }
+    Ok(())
+}
+
+/// Parses `adaptive` or a percentage.
+pub fn parse_compression(text: &str) -> Result<pagestream_transport::Compression> {
+    if text == "adaptive" {
+        return Ok(pagestream_transport::Compression::Adaptive);
+    }
+    match text.trim_end_matches('%').parse::<u32>() {
+        Ok(p) if p <= 100 => Ok(pagestream_transport::Compression::Fixed(p)),
+        _ => bail!("--compression must be 'adaptive' or a percentage from 0 to 100, not '{text}'"),
+    }
+}
+
+fn print_report(r: &TransportBenchReport) {
+    println!(
+        "{} pages ({:.1} MiB) over {}, {} channels, {}",
+        r.pages,
+        r.raw_bytes as f64 / (1u64 << 20) as f64,
+        r.link,
+        r.channels,
+        r.backend
+    );
+    println!("machine: {}", r.machine);
+    println!("median of {} runs each, MB = 10^6 bytes\n", r.repeat);
+    println!(
+        "{:<32} {:>10} {:>12} {:>12}",
+        "", "seconds", "effective", "on the wire"
+    );
+    println!(
+        "{:<32} {:>10.3} {:>8.1} MB/s {:>8.1} MB/s",
+        "pagestream", r.elapsed_s, r.effective_mb_s, r.wire_mb_s
+    );
+    println!(
+        "{:<32} {:>10.3} {:>8.1} MB/s {:>8.1} MB/s",
+        "raw bytes, one TCP socket", r.baseline_elapsed_s, r.baseline_mb_s, r.baseline_mb_s
+    );
+    if let Some(link) = r.link_mb_s {
+        println!(
+            "{:<32} {:>10} {:>12} {:>8.1} MB/s",
+            "link rate", "", "", link
+        );
+    }
+    println!();
+    print!("effective {:.2}x the raw baseline", r.effective_vs_baseline);
+    if let Some(share) = r.wire_vs_link {
+        print!("; wire {:.1}% of the link rate", share * 100.0);
+    }
+    println!("; verified: {}", if r.verified { "yes" } else { "NO" });
+    let parts: Vec<String> = r
+        .classes
+        .iter()
+        .filter(|(_, c)| c.pages > 0)
+        .map(|(name, c)| format!("{name} {:.1}%", 100.0 * c.pages as f64 / r.pages as f64))
+        .collect();
+    println!(
+        "pages: {}; LZ4 share at the end {:?}%",
+        parts.join(", "),
+        r.lz4_share
+    );
+}
