@@ -1,15 +1,21 @@
-//! `pagestream demo`: a guest's memory migrated through the page codec in three passes, with the
-//! guest writing to its memory between passes, and the destination checked page for page.
+//! `pagestream demo`: a guest's memory migrated over loopback TCP through the transport and the
+//! page codec in three passes, with the guest writing to its memory between passes, and the
+//! destination checked page for page.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use pagecodec::{MemoryImage, PAGE_SIZE, PageAddr, PageClass};
+use pagecodec::{ClassCounts, MemoryImage, PAGE_SIZE, PageAddr, PageClass};
 use pagestream_benches::imagegen::{self, ContentKind, Mix, Rng, parse_size};
+use pagestream_transport::channel::DEFAULT_MAX_FRAME_BODY;
+use pagestream_transport::net::stderr_log;
+use pagestream_transport::{
+    Compression, ReceiveSummary, ReceiverConfig, Sender, SenderConfig, StatsSnapshot, TcpAcceptor,
+    TcpBackend, TcpConnector, accept, default_channels,
+};
 
-use crate::migrate::{Migration, PassStats};
 use crate::progress;
 
 #[derive(Args, Debug)]
@@ -20,9 +26,14 @@ pub struct DemoArgs {
     /// Seed of the generated memory and of the guest's writes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Codec streams (each with an encoder and a decoder thread). Default: one per CPU.
+    /// Data channels (each with an encoder thread on the source and a decoder thread on the
+    /// destination). Default: one per CPU, at least 2.
     #[arg(long)]
-    streams: Option<u32>,
+    channels: Option<u16>,
+    /// How much to compress: adaptive (as much as pays on this link), or a percentage of the
+    /// compressible pages (100: all, 0: none).
+    #[arg(long, default_value = "adaptive")]
+    compression: String,
 }
 
 /// Share of memory the guest dirties before each later pass, in percent.
@@ -37,17 +48,19 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if !(1 << 20..=64 << 30).contains(&size) {
         bail!("--size must be between 1M and 64G");
     }
-    let streams = args.streams.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8) as u32)
-    });
-    if streams == 0 || streams > 64 {
-        bail!("--streams must be between 1 and 64");
+    let channels = args.channels.unwrap_or_else(default_channels);
+    if channels == 0 || channels > 64 {
+        bail!("--channels must be between 1 and 64");
     }
+    let compression = crate::bench_cmd::parse_compression(&args.compression)?;
+    let log = stderr_log();
+    let backend = TcpBackend::detect(&log);
 
     println!(
-        "pagestream demo: live-migrating {} of guest memory through the page codec, {} streams",
+        "pagestream demo: live-migrating {} of guest memory over loopback TCP ({}), {} channels",
         human_bytes(size),
-        streams
+        backend.name(),
+        channels
     );
     println!(
         "(the guest writes to {}% and then {}% of its memory between passes)\n",
@@ -60,9 +73,98 @@ pub fn run(args: DemoArgs) -> Result<()> {
     bar.finish();
     let mut source = MemoryImage::from_bytes(bytes);
     let mut dest = MemoryImage::zeroed(source.layout().clone());
-    let mut migration = Migration::new(&source, streams, args.seed.wrapping_mul(0x9e37_79b9))?;
-    let mut rng = Rng::new(args.seed ^ 0xd1e7);
+    let layout = source.layout().clone();
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback")?;
+    let addr = listener.local_addr()?;
 
+    let (sent, received) = std::thread::scope(|scope| {
+        let dest = &mut dest;
+        let receiver_log = log.clone();
+        let receiver = scope.spawn(move || -> Result<ReceiveSummary> {
+            let mut acceptor = TcpAcceptor::new(
+                listener,
+                backend,
+                DEFAULT_MAX_FRAME_BODY,
+                receiver_log.clone(),
+            );
+            let config = ReceiverConfig {
+                log: receiver_log,
+                ..ReceiverConfig::default()
+            };
+            let pending = accept(&mut acceptor, &config)?;
+            let sinks = dest.shard_writers(pending.shard_map());
+            Ok(pending.run(&mut acceptor, sinks, |_| {})?)
+        });
+        let session = Session {
+            addr,
+            backend,
+            channels,
+            compression,
+            log: log.clone(),
+        };
+        let sent = migrate(&mut source, layout, &session, args.seed);
+        let received = receiver
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the destination thread panicked")));
+        (sent, received)
+    });
+    let Migrated { passes, shares } = sent.context("the source failed")?;
+    received.context("the destination failed")?;
+
+    let spinner = progress::spinner("comparing destination memory with the source");
+    let identical = dest == source;
+    spinner.finish_and_clear();
+    print_report(&passes, size);
+    println!(
+        "compressed share of compressible pages at the end, per channel: {shares:?}%{}",
+        if shares.iter().all(|&s| s == 0) {
+            " (on this link sending pages raw is faster than compressing them; \
+             --compression 100 compresses everything)"
+        } else {
+            ""
+        }
+    );
+    if !identical {
+        bail!("destination memory differs from the source: the migration is WRONG");
+    }
+    println!(
+        "\nverified: all {} destination pages are identical to the source",
+        size.div_ceil(PAGE_SIZE as u64)
+    );
+    Ok(())
+}
+
+/// What the source moved: each pass, and the compressed share each channel ended with.
+struct Migrated {
+    passes: Vec<(String, PassStats)>,
+    shares: Vec<u64>,
+}
+
+/// How the source connects.
+struct Session {
+    addr: std::net::SocketAddr,
+    backend: TcpBackend,
+    channels: u16,
+    compression: Compression,
+    log: pagestream_transport::net::Log,
+}
+
+/// The source side: three passes, the guest writing in between, each pass confirmed applied.
+fn migrate(
+    source: &mut MemoryImage,
+    layout: pagecodec::MemoryLayout,
+    session: &Session,
+    seed: u64,
+) -> Result<Migrated> {
+    let connector = TcpConnector::new(session.addr, session.backend, Duration::from_secs(10));
+    let config = SenderConfig {
+        channels: session.channels,
+        compression: session.compression,
+        log: session.log.clone(),
+        ..SenderConfig::default()
+    };
+    let mut sender = Sender::connect(Box::new(connector), layout, config)?;
+    let mut rng = Rng::new(seed ^ 0xd1e7);
     let mut passes = Vec::new();
     let mut dirty: Vec<PageAddr> = source.addresses().collect();
     for generation in 0..=DIRTY_PERCENT.len() as u32 {
@@ -74,60 +176,58 @@ pub fn run(args: DemoArgs) -> Result<()> {
         } else {
             format!("pass {generation}: dirty pages")
         };
-        let stats = run_pass(
-            &mut migration,
-            &source,
-            &mut dest,
-            &dirty,
-            generation,
-            last,
-            &label,
-        )?;
-        passes.push((label, stats));
+        let bar = progress::bytes_bar(dirty.len() as u64 * PAGE_SIZE as u64, &label);
+        let before = sender.stats();
+        let started = Instant::now();
+        for (i, &addr) in dirty.iter().enumerate() {
+            let page = source.page(addr).context("page outside guest memory")?;
+            sender.send_page(addr, generation, page)?;
+            if i % 256 == 0 {
+                bar.set_position(i as u64 * PAGE_SIZE as u64);
+            }
+        }
+        sender.end_pass(generation)?;
+        sender.wait_applied(generation)?;
+        bar.set_position(dirty.len() as u64 * PAGE_SIZE as u64);
+        bar.finish();
+        passes.push((
+            label,
+            PassStats::between(&before, &sender.stats(), started.elapsed()),
+        ));
         if !last {
-            dirty = guest_writes(&mut source, &mut rng, DIRTY_PERCENT[generation as usize]);
+            dirty = guest_writes(source, &mut rng, DIRTY_PERCENT[generation as usize]);
         }
     }
-
-    let spinner = progress::spinner("comparing destination memory with the source");
-    let identical = dest == source;
-    spinner.finish_and_clear();
-    print_report(&passes, size);
-    if !identical {
-        bail!("destination memory differs from the source: the migration is WRONG");
-    }
-    println!(
-        "\nverified: all {} destination pages are identical to the source",
-        size.div_ceil(PAGE_SIZE as u64)
-    );
-    Ok(())
+    let summary = sender.finish()?;
+    let shares = summary.stats.channels.iter().map(|c| c.lz4_share).collect();
+    Ok(Migrated { passes, shares })
 }
 
-fn run_pass(
-    migration: &mut Migration,
-    source: &MemoryImage,
-    dest: &mut MemoryImage,
-    pages: &[PageAddr],
-    generation: u32,
-    finish: bool,
-    label: &str,
-) -> Result<PassStats> {
-    let total = pages.len() as u64 * PAGE_SIZE as u64;
-    let bar = progress::bytes_bar(total, label);
-    let done = AtomicU64::new(0);
-    let result = std::thread::scope(|scope| {
-        let worker = scope.spawn(|| migration.pass(source, dest, pages, generation, finish, &done));
-        while !worker.is_finished() {
-            bar.set_position(done.load(Ordering::Relaxed));
-            std::thread::sleep(Duration::from_millis(50));
+/// What one pass moved.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassStats {
+    pages: u64,
+    wire_bytes: u64,
+    classes: ClassCounts,
+    elapsed: Duration,
+}
+
+impl PassStats {
+    fn between(before: &StatsSnapshot, after: &StatsSnapshot, elapsed: Duration) -> Self {
+        let mut classes = ClassCounts::default();
+        for class in PageClass::ALL {
+            classes.add(
+                class,
+                after.classes.pages(class) - before.classes.pages(class),
+                after.classes.wire_bytes(class) - before.classes.wire_bytes(class),
+            );
         }
-        worker.join()
-    });
-    bar.set_position(done.load(Ordering::Relaxed));
-    bar.finish();
-    match result {
-        Ok(stats) => stats,
-        Err(_) => bail!("the migration pass panicked"),
+        Self {
+            pages: after.pages() - before.pages(),
+            wire_bytes: after.wire_bytes() - before.wire_bytes(),
+            classes,
+            elapsed,
+        }
     }
 }
 

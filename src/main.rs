@@ -3,7 +3,6 @@
 mod bench_cmd;
 mod codec_cmd;
 mod demo;
-mod migrate;
 mod progress;
 
 use std::process::ExitCode;

@@ -155,18 +155,31 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
 
 #[test]
 fn demo_migrates_and_verifies() {
-    let out = pagestream(&["demo", "--size", "16M", "--streams", "2"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("verified: all 4096 destination pages are identical"),
-        "{text}"
-    );
-    for class in ["zero", "unchanged", "lz4"] {
+    for (compression, classes) in [
+        ("adaptive", &["zero", "unchanged", "delta"][..]),
+        ("100", &["zero", "unchanged", "delta", "lz4"][..]),
+    ] {
+        let out = pagestream(&[
+            "demo",
+            "--size",
+            "16M",
+            "--channels",
+            "2",
+            "--compression",
+            compression,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            text.contains(class),
-            "class {class} missing from the report: {text}"
+            text.contains("verified: all 4096 destination pages are identical"),
+            "{text}"
         );
+        for class in classes {
+            assert!(
+                text.contains(class),
+                "class {class} missing from the report: {text}"
+            );
+        }
     }
 }
 
