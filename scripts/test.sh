@@ -14,9 +14,10 @@ fail() { printf '\n\033[1;31mFAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 
 # --- prerequisites --------------------------------------------------------------------------
 
-# Debian packages the suite needs: a C/C++ toolchain for zstd and libFuzzer; iproute2 (ip, tc)
-# for the emulated links between network namespaces.
-APT_PACKAGES=(build-essential pkg-config iproute2)
+# Debian packages the suite needs: a C/C++ toolchain for zstd, libFuzzer and the test guest's
+# workload; iproute2 (ip, tc) for the emulated links between network namespaces; QEMU, busybox
+# and cpio for the test guest that real migrations move.
+APT_PACKAGES=(build-essential pkg-config iproute2 qemu-system-x86 busybox-static cpio)
 
 install_packages() {
     local missing=()
@@ -57,6 +58,9 @@ ip netns list >/dev/null 2>&1 || fail "network namespaces are not available (ip 
 cargo clippy --version >/dev/null 2>&1 || fail "clippy is missing (rustup component add clippy)"
 install_cargo_tool nextest cargo-nextest
 install_cargo_tool fuzz cargo-fuzz
+
+step "building the test guest (Debian kernel, busybox initramfs, workload)"
+./scripts/build-guest.sh || fail "cannot build the test guest"
 
 # --- checks ---------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod codec_cmd;
 mod demo;
 mod progress;
+mod shim_cmd;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,10 @@ enum Command {
     /// End-to-end benchmarks against their baselines.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
+    /// Carry QEMU's live migration: `shim send` on the source host, `shim recv` on the
+    /// destination host.
+    #[command(subcommand)]
+    Shim(shim_cmd::ShimCommand),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Codec(cmd) => codec_cmd::run(cmd),
         Command::Bench(cmd) => bench_cmd::run(cmd),
+        Command::Shim(cmd) => shim_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,10 @@
-//! Not implemented yet: see DESIGN.md.
+//! # pagestream-qemu-shim: QEMU's migration through pagestream
+//!
+//! A shim on each host sits between QEMU and the network: QEMU migrates to a unix socket of the
+//! source shim, the destination shim feeds the destination QEMU's incoming socket, and between
+//! them the stream travels compressed and authenticated. See `DESIGN.md`.
+
+pub mod link;
+pub mod qmp;
+pub mod relay;
+pub mod vm;

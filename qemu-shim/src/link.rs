@@ -1,0 +1,490 @@
+//! The connection between the two shims: a handshake (version, mutual authentication, which
+//! QEMU connection it carries), then frames in both directions.
+//!
+//! ```text
+//!  source → dest   "PSSH" | u16 version | u8 has_key | nonce_c[32]
+//!  dest → source   "PSSH" | u16 version | u8 status  | nonce_s[32] | mac_s[32]
+//!                  status 0: no key, 1: keyed (mac_s = HMAC(key, "pagestream-shim dest" | nonce_c | nonce_s)),
+//!                  2: refused, followed by u16 length and the reason
+//!  source → dest   mac_c[32] (HMAC(key, "pagestream-shim source" | nonce_s | nonce_c), zeros without key)
+//!                  | session[16] | u8 kind (1 main, 2 multifd) | u8 multifd channel id
+//!  dest → source   u8 status (0 accepted, 2 refused + u16 length + reason)
+//!
+//!  frames, both directions, until each side sends its end marker:
+//!    u32 header: bit 31 = LZ4-compressed, bits 0..=30 = payload length; 0 = end of this direction
+//!    compressed payload: u32 original length | LZ4 block
+//! ```
+//!
+//! The destination proves it knows the key before the source sends anything of the VM's; the
+//! source then proves it, so neither end feeds memory to, or accepts memory from, a stranger.
+//! MACs are compared in constant time.
+
+use std::io::{self, Read, Write};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+/// Magic of the shim link.
+pub const LINK_MAGIC: [u8; 4] = *b"PSSH";
+/// Link protocol version.
+pub const LINK_VERSION: u16 = 1;
+/// Largest chunk of a QEMU stream in one frame.
+pub const MAX_CHUNK: usize = 256 << 10;
+/// Largest frame payload accepted (a compressed chunk can be a little larger than the chunk).
+pub const MAX_FRAME: usize = MAX_CHUNK + MAX_CHUNK / 64 + 64;
+const COMPRESSED: u32 = 1 << 31;
+
+/// Which QEMU connection a link carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// The main migration channel (it starts with "QEVM").
+    Main,
+    /// A multifd channel, by its channel id.
+    Multifd(u8),
+}
+
+/// What a link is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkHeader {
+    /// The migration it belongs to.
+    pub session: [u8; 16],
+    /// Which of its connections.
+    pub kind: StreamKind,
+}
+
+/// A pre-shared key, at least 16 bytes.
+#[derive(Clone)]
+pub struct Key(Vec<u8>);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+impl Key {
+    /// Reads a key file: its bytes, trailing whitespace trimmed.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let mut bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+        while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            bytes.pop();
+        }
+        if bytes.len() < 16 {
+            return Err(format!(
+                "key file {} holds {} bytes; a key needs at least 16",
+                path.display(),
+                bytes.len()
+            ));
+        }
+        Ok(Key(bytes))
+    }
+
+    fn mac(&self, label: &[u8], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(label);
+        mac.update(a);
+        mac.update(b);
+        mac.finalize().into_bytes().into()
+    }
+
+    fn verify(&self, label: &[u8], a: &[u8; 32], b: &[u8; 32], tag: &[u8; 32]) -> bool {
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(label);
+        mac.update(a);
+        mac.update(b);
+        mac.verify_slice(tag).is_ok()
+    }
+}
+
+/// Why a link could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The peer is not a pagestream shim, or speaks another version.
+    #[error("{0}")]
+    Protocol(String),
+    /// The peer refused us.
+    #[error("the other shim refused: {0}")]
+    Refused(String),
+    /// Authentication failed.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+}
+
+fn random32() -> io::Result<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn read_array<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    r.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn read_reason(r: &mut impl Read) -> io::Result<String> {
+    let len = u16::from_le_bytes(read_array(r)?) as usize;
+    let mut bytes = vec![0u8; len];
+    r.read_exact(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn refuse(w: &mut impl Write, reason: &str) -> io::Result<()> {
+    let reason = &reason.as_bytes()[..reason.len().min(1024)];
+    let mut out = vec![2u8];
+    out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    out.extend_from_slice(reason);
+    w.write_all(&out)?;
+    w.flush()
+}
+
+/// The source side of the handshake.
+pub fn connect_handshake(
+    stream: &mut (impl Read + Write),
+    key: Option<&Key>,
+    header: LinkHeader,
+) -> Result<(), LinkError> {
+    let nonce_c = random32()?;
+    let mut hello = Vec::with_capacity(39);
+    hello.extend_from_slice(&LINK_MAGIC);
+    hello.extend_from_slice(&LINK_VERSION.to_le_bytes());
+    hello.push(u8::from(key.is_some()));
+    hello.extend_from_slice(&nonce_c);
+    stream.write_all(&hello)?;
+    stream.flush()?;
+
+    let magic: [u8; 4] = read_array(stream)?;
+    if magic != LINK_MAGIC {
+        return Err(LinkError::Protocol(format!(
+            "the destination is not a pagestream shim (it answered {magic:02x?})"
+        )));
+    }
+    let version = u16::from_le_bytes(read_array(stream)?);
+    let status: [u8; 1] = read_array(stream)?;
+    if status[0] == 2 {
+        return Err(LinkError::Refused(read_reason(stream)?));
+    }
+    if version != LINK_VERSION {
+        return Err(LinkError::Protocol(format!(
+            "the destination shim speaks link version {version}, this one {LINK_VERSION}"
+        )));
+    }
+    let nonce_s: [u8; 32] = read_array(stream)?;
+    let mac_s: [u8; 32] = read_array(stream)?;
+    let mac_c = match (key, status[0]) {
+        (Some(key), 1) => {
+            if !key.verify(b"pagestream-shim dest", &nonce_c, &nonce_s, &mac_s) {
+                return Err(LinkError::Auth(
+                    "the destination shim does not know the key".into(),
+                ));
+            }
+            key.mac(b"pagestream-shim source", &nonce_s, &nonce_c)
+        }
+        (Some(_), _) => {
+            return Err(LinkError::Auth(
+                "this shim has a key but the destination shim has none".into(),
+            ));
+        }
+        (None, _) => [0u8; 32],
+    };
+    let mut rest = Vec::with_capacity(50);
+    rest.extend_from_slice(&mac_c);
+    rest.extend_from_slice(&header.session);
+    match header.kind {
+        StreamKind::Main => rest.extend_from_slice(&[1, 0]),
+        StreamKind::Multifd(id) => rest.extend_from_slice(&[2, id]),
+    }
+    stream.write_all(&rest)?;
+    stream.flush()?;
+    let status: [u8; 1] = read_array(stream)?;
+    match status[0] {
+        0 => Ok(()),
+        2 => Err(LinkError::Refused(read_reason(stream)?)),
+        other => Err(LinkError::Protocol(format!(
+            "unknown handshake status {other}"
+        ))),
+    }
+}
+
+/// The destination side of the handshake; `peer_is_trusted` says whether an unauthenticated peer
+/// may connect (loopback, or explicitly allowed).
+pub fn accept_handshake(
+    stream: &mut (impl Read + Write),
+    key: Option<&Key>,
+    peer_is_trusted: bool,
+) -> Result<LinkHeader, LinkError> {
+    let magic: [u8; 4] = read_array(stream)?;
+    if magic != LINK_MAGIC {
+        return Err(LinkError::Protocol(format!(
+            "not a pagestream shim (it opened with {magic:02x?})"
+        )));
+    }
+    let version = u16::from_le_bytes(read_array(stream)?);
+    let has_key: [u8; 1] = read_array(stream)?;
+    let nonce_c: [u8; 32] = read_array(stream)?;
+    let mut reply = Vec::with_capacity(71);
+    reply.extend_from_slice(&LINK_MAGIC);
+    reply.extend_from_slice(&LINK_VERSION.to_le_bytes());
+    let refusal = if version != LINK_VERSION {
+        Some(format!(
+            "link version {version} is not supported (this shim speaks {LINK_VERSION})"
+        ))
+    } else {
+        match (key, has_key[0] != 0) {
+            (Some(_), false) => Some("this destination requires a key (--key-file)".to_string()),
+            (None, true) => {
+                Some("this destination has no key; start it with the same --key-file".to_string())
+            }
+            (None, false) if !peer_is_trusted => Some(
+                "without a key this destination accepts only loopback peers (use --key-file)"
+                    .to_string(),
+            ),
+            _ => None,
+        }
+    };
+    if let Some(reason) = refusal {
+        stream.write_all(&reply)?;
+        refuse(stream, &reason)?;
+        return Err(LinkError::Refused(reason));
+    }
+    let nonce_s = random32()?;
+    reply.push(u8::from(key.is_some()));
+    reply.extend_from_slice(&nonce_s);
+    match key {
+        Some(key) => reply.extend_from_slice(&key.mac(b"pagestream-shim dest", &nonce_c, &nonce_s)),
+        None => reply.extend_from_slice(&[0u8; 32]),
+    }
+    stream.write_all(&reply)?;
+    stream.flush()?;
+    let mac_c: [u8; 32] = read_array(stream)?;
+    let session: [u8; 16] = read_array(stream)?;
+    let kind: [u8; 2] = read_array(stream)?;
+    if let Some(key) = key
+        && !key.verify(b"pagestream-shim source", &nonce_s, &nonce_c, &mac_c)
+    {
+        refuse(stream, "authentication failed")?;
+        return Err(LinkError::Auth(
+            "the source shim does not know the key".into(),
+        ));
+    }
+    let kind = match kind {
+        [1, _] => StreamKind::Main,
+        [2, id] => StreamKind::Multifd(id),
+        other => {
+            refuse(stream, "unknown stream kind")?;
+            return Err(LinkError::Protocol(format!(
+                "unknown stream kind {other:?}"
+            )));
+        }
+    };
+    stream.write_all(&[0])?;
+    stream.flush()?;
+    Ok(LinkHeader { session, kind })
+}
+
+/// Bytes moved in one direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Bytes of the QEMU stream.
+    pub raw: u64,
+    /// Bytes on the link.
+    pub wire: u64,
+}
+
+/// Copies a QEMU stream into link frames until it ends, then sends the end marker. Chunks are
+/// forwarded as soon as they are read (QEMU's device state and return-path messages must not
+/// wait for more data), compressed when that makes them smaller.
+/// `on_frame(raw, wire)` is called for every frame sent.
+pub fn to_link(
+    from: &mut impl Read,
+    link: &mut impl Write,
+    mut on_frame: impl FnMut(u64, u64),
+) -> io::Result<Moved> {
+    let mut buf = vec![0u8; MAX_CHUNK];
+    let mut out = vec![0u8; 8 + lz4_flex::block::get_maximum_output_size(MAX_CHUNK)];
+    let mut table = lz4_flex::block::CompressTable::large();
+    let mut moved = Moved::default();
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        let frame_len = if n >= 256 {
+            let c = lz4_flex::block::compress_into_with_table(chunk, &mut out[8..], &mut table)
+                .expect("output holds the worst case");
+            if c + 4 < n {
+                out[..4].copy_from_slice(&((c as u32 + 4) | COMPRESSED).to_le_bytes());
+                out[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+                8 + c
+            } else {
+                0
+            }
+        } else {
+            0
+        };
+        let wire = if frame_len > 0 {
+            link.write_all(&out[..frame_len])?;
+            frame_len
+        } else {
+            link.write_all(&(n as u32).to_le_bytes())?;
+            link.write_all(chunk)?;
+            4 + n
+        };
+        moved.wire += wire as u64;
+        moved.raw += n as u64;
+        on_frame(n as u64, wire as u64);
+    }
+    link.write_all(&0u32.to_le_bytes())?;
+    link.flush()?;
+    moved.wire += 4;
+    Ok(moved)
+}
+
+/// Copies link frames into a QEMU stream until the end marker, calling `on_frame(raw, wire)`
+/// for each. Returns `Ok` only for a stream that ended with its marker: a link that breaks is an
+/// error.
+pub fn from_link(
+    link: &mut impl Read,
+    to: &mut impl Write,
+    mut on_frame: impl FnMut(u64, u64),
+) -> io::Result<Moved> {
+    let mut payload = vec![0u8; MAX_FRAME];
+    let mut plain = vec![0u8; MAX_CHUNK];
+    let mut moved = Moved::default();
+    loop {
+        let header = match read_array::<4>(link) {
+            Ok(h) => u32::from_le_bytes(h),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the other shim's connection ended without its end marker",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        moved.wire += 4;
+        if header == 0 {
+            return Ok(moved);
+        }
+        let len = (header & !COMPRESSED) as usize;
+        if len > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "frame of {len} bytes from the other shim exceeds the limit of {MAX_FRAME}"
+                ),
+            ));
+        }
+        link.read_exact(&mut payload[..len])?;
+        moved.wire += len as u64;
+        if header & COMPRESSED != 0 {
+            if len < 4 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "compressed frame too short",
+                ));
+            }
+            let raw = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
+            if raw > MAX_CHUNK {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "compressed frame too large",
+                ));
+            }
+            let n = lz4_flex::block::decompress_into(&payload[4..len], &mut plain[..raw]).map_err(
+                |e| io::Error::new(io::ErrorKind::InvalidData, format!("bad LZ4 data: {e}")),
+            )?;
+            if n != raw {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "LZ4 data of the wrong length",
+                ));
+            }
+            to.write_all(&plain[..raw])?;
+            moved.raw += raw as u64;
+            on_frame(raw as u64, 4 + len as u64);
+        } else {
+            to.write_all(&payload[..len])?;
+            moved.raw += len as u64;
+            on_frame(len as u64, 4 + len as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn key(byte: u8) -> Key {
+        Key(vec![byte; 32])
+    }
+
+    fn handshake(
+        src_key: Option<Key>,
+        dst_key: Option<Key>,
+        trusted: bool,
+    ) -> (Result<(), LinkError>, Result<LinkHeader, LinkError>) {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let header = LinkHeader {
+            session: [7; 16],
+            kind: StreamKind::Multifd(3),
+        };
+        let dst = std::thread::spawn(move || accept_handshake(&mut b, dst_key.as_ref(), trusted));
+        let src = connect_handshake(&mut a, src_key.as_ref(), header);
+        // A source that gives up closes its end, which ends the destination's wait too.
+        drop(a);
+        (src, dst.join().unwrap())
+    }
+
+    #[test]
+    fn handshakes() {
+        let (src, dst) = handshake(Some(key(1)), Some(key(1)), false);
+        assert!(src.is_ok(), "{src:?}");
+        assert_eq!(dst.unwrap().kind, StreamKind::Multifd(3));
+        let (src, dst) = handshake(Some(key(1)), Some(key(2)), true);
+        assert!(
+            src.unwrap_err()
+                .to_string()
+                .contains("does not know the key")
+        );
+        assert!(dst.is_err());
+        let (src, _) = handshake(None, Some(key(1)), true);
+        assert!(src.unwrap_err().to_string().contains("requires a key"));
+        let (src, _) = handshake(None, None, false);
+        assert!(src.unwrap_err().to_string().contains("only loopback peers"));
+        let (src, dst) = handshake(None, None, true);
+        assert!(src.is_ok() && dst.is_ok());
+    }
+
+    #[test]
+    fn frames_carry_a_stream_exactly() {
+        let mut data = Vec::new();
+        for i in 0..700_000u32 {
+            data.push((i % 251) as u8 ^ if i % 5000 < 100 { (i * 7) as u8 } else { 0 });
+        }
+        let mut link = Vec::new();
+        let moved = to_link(&mut &data[..], &mut link, |_, _| {}).unwrap();
+        assert_eq!(moved.raw, data.len() as u64);
+        assert!(
+            moved.wire < moved.raw,
+            "compressible data was not compressed"
+        );
+        let mut out = Vec::new();
+        let back = from_link(&mut &link[..], &mut out, |_, _| {}).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(back.raw, moved.raw);
+        // A link cut short is an error, never a clean end.
+        let mut out = Vec::new();
+        assert!(from_link(&mut &link[..link.len() - 10], &mut out, |_, _| {}).is_err());
+    }
+}

@@ -1,0 +1,779 @@
+//! Opaque mode: every QEMU connection carried to the other host as an ordered byte stream,
+//! LZ4-compressed in chunks, with its return direction carried back.
+//!
+//! The source shim listens where QEMU migrates to. It tells QEMU's connections apart by their
+//! first bytes (the main channel starts with `QEVM`, a multifd channel with its own magic and
+//! channel id), groups them into a migration session, and opens one authenticated link per
+//! connection to the destination shim. The destination shim connects each link to the
+//! destination QEMU, the main channel first (QEMU takes the first connection as the main one),
+//! and relays both ways. Each direction is a plain read-compress-write loop: when the network is
+//! slow, writes block, reads stop, and QEMU's own writes block, so QEMU measures the real
+//! bandwidth and the shim holds no more than a chunk and the socket buffers.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use pagestream_transport::net::Log;
+
+use crate::link::{self, Key, LinkHeader, Moved, StreamKind};
+
+/// A QEMU-side endpoint: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix socket.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = path.trim_start_matches("//");
+            if path.is_empty() {
+                return Err(format!("'{s}' names no socket path"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            return Ok(Endpoint::Tcp(addr.to_string()));
+        }
+        Err(format!(
+            "'{s}' is not an endpoint: use unix:PATH or tcp:HOST:PORT"
+        ))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A connection to or from QEMU.
+#[derive(Debug)]
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(how),
+            Conn::Tcp(s) => s.shutdown(how),
+        };
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn connect(endpoint: &Endpoint) -> io::Result<Conn> {
+        Ok(match endpoint {
+            Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a)?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// How a migration went, as one shim saw it.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// The session's id, as hex.
+    pub session: String,
+    /// How the stream was carried, and why.
+    pub mode: String,
+    /// QEMU connections carried (1 + multifd channels).
+    pub connections: u32,
+    /// From the first connection to the last byte.
+    pub elapsed: Duration,
+    /// Migration stream: bytes QEMU wrote, and bytes on the link.
+    pub forward: Moved,
+    /// Return path: bytes QEMU wrote back, and bytes on the link.
+    pub back: Moved,
+    /// The first failure, if any.
+    pub error: Option<String>,
+}
+
+impl Summary {
+    /// A few lines for people.
+    pub fn render(&self, side: &str) -> String {
+        let ratio = self.forward.raw as f64 / self.forward.wire.max(1) as f64;
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let mut text = format!(
+            "{side}: migration {} {} in {:.2} s, mode {}\n  {} QEMU connection(s); stream {:.1} MiB raw, {:.1} MiB on the wire ({:.2}x), {:.1} MB/s raw\n  return path {} bytes",
+            self.session,
+            if self.error.is_none() {
+                "completed"
+            } else {
+                "FAILED"
+            },
+            secs,
+            self.mode,
+            self.connections,
+            self.forward.raw as f64 / (1 << 20) as f64,
+            self.forward.wire as f64 / (1 << 20) as f64,
+            ratio,
+            self.forward.raw as f64 / secs / 1e6,
+            self.back.raw,
+        );
+        if let Some(e) = &self.error {
+            text.push_str(&format!("\n  error: {e}"));
+        }
+        text
+    }
+}
+
+/// Opaque mode is all this build has; the summary says so rather than leaving it implied.
+pub const OPAQUE_MODE: &str = "opaque (each QEMU connection carried as an LZ4-compressed byte stream; this build has no stream parser)";
+
+/// One migration in progress on either shim.
+struct Session {
+    id: [u8; 16],
+    started: Instant,
+    forward_raw: AtomicU64,
+    forward_wire: AtomicU64,
+    back_raw: AtomicU64,
+    back_wire: AtomicU64,
+    connections: AtomicU64,
+    /// Connections carried and not yet finished.
+    open: Mutex<u32>,
+    /// The main channel is connected (destination: to QEMU).
+    main_ready: Mutex<bool>,
+    changed: Condvar,
+    main_done: AtomicBool,
+    error: Mutex<Option<String>>,
+    /// Sockets to shut down if the migration fails.
+    kill: Mutex<Vec<Box<dyn Fn() + Send>>>,
+}
+
+impl Session {
+    fn new(id: [u8; 16]) -> Arc<Self> {
+        Arc::new(Session {
+            id,
+            started: Instant::now(),
+            forward_raw: AtomicU64::new(0),
+            forward_wire: AtomicU64::new(0),
+            back_raw: AtomicU64::new(0),
+            back_wire: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            open: Mutex::new(0),
+            main_ready: Mutex::new(false),
+            changed: Condvar::new(),
+            main_done: AtomicBool::new(false),
+            error: Mutex::new(None),
+            kill: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The counters of the migration stream (`true`) or of the return path.
+    fn direction(&self, forward: bool) -> (&AtomicU64, &AtomicU64) {
+        if forward {
+            (&self.forward_raw, &self.forward_wire)
+        } else {
+            (&self.back_raw, &self.back_wire)
+        }
+    }
+
+    fn hex(&self) -> String {
+        self.id[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Records the first failure and shuts every socket of the session down, so that neither
+    /// QEMU waits on a migration that cannot finish.
+    fn fail(&self, what: String) {
+        let mut error = self.error.lock().expect("not poisoned");
+        if error.is_none() {
+            *error = Some(what);
+            for kill in self.kill.lock().expect("not poisoned").iter() {
+                kill();
+            }
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            session: self.hex(),
+            mode: OPAQUE_MODE.into(),
+            connections: self.connections.load(Ordering::Relaxed) as u32,
+            elapsed: self.started.elapsed(),
+            forward: Moved {
+                raw: self.forward_raw.load(Ordering::Relaxed),
+                wire: self.forward_wire.load(Ordering::Relaxed),
+            },
+            back: Moved {
+                raw: self.back_raw.load(Ordering::Relaxed),
+                wire: self.back_wire.load(Ordering::Relaxed),
+            },
+            error: self.error.lock().expect("not poisoned").clone(),
+        }
+    }
+
+    fn opened(&self) {
+        *self.open.lock().expect("not poisoned") += 1;
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn closed(&self, main: bool) {
+        *self.open.lock().expect("not poisoned") -= 1;
+        if main {
+            self.main_done.store(true, Ordering::SeqCst);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until the main channel and every other connection have finished.
+    fn wait_finished(&self) {
+        let mut open = self.open.lock().expect("not poisoned");
+        while !(self.main_done.load(Ordering::SeqCst) && *open == 0) {
+            open = self
+                .changed
+                .wait_timeout(open, Duration::from_millis(100))
+                .expect("not poisoned")
+                .0;
+        }
+    }
+}
+
+/// Prints a progress line every second while the session runs.
+fn progress(session: Arc<Session>, side: &'static str, log: Log) {
+    std::thread::spawn(move || {
+        let mut last = 0;
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if session.main_done.load(Ordering::SeqCst) {
+                return;
+            }
+            let raw = session.forward_raw.load(Ordering::Relaxed);
+            let wire = session.forward_wire.load(Ordering::Relaxed);
+            log(&format!(
+                "{side} {}: {:.1} MiB from QEMU, {:.1} MiB on the wire ({:.2}x), {:.1} MB/s",
+                session.hex(),
+                raw as f64 / (1 << 20) as f64,
+                wire as f64 / (1 << 20) as f64,
+                raw as f64 / wire.max(1) as f64,
+                (raw - last) as f64 / 1e6
+            ));
+            last = raw;
+        }
+    });
+}
+
+/// Relays one QEMU connection over one link, both directions, until both ended. `forward`:
+/// this side reads QEMU's migration stream (the source shim); otherwise it reads QEMU's return
+/// path (the destination shim).
+fn relay(
+    mut qemu: Conn,
+    prefix: Vec<u8>,
+    link: TcpStream,
+    session: &Arc<Session>,
+    forward: bool,
+) -> Result<(), String> {
+    let clone_err = |e: io::Error| format!("cannot set up the relay: {e}");
+    let mut qemu_out = qemu.try_clone().map_err(clone_err)?;
+    let mut link_in = link.try_clone().map_err(clone_err)?;
+    {
+        let (q, l) = (
+            qemu.try_clone().map_err(clone_err)?,
+            link.try_clone().map_err(clone_err)?,
+        );
+        session
+            .kill
+            .lock()
+            .expect("not poisoned")
+            .push(Box::new(move || {
+                q.shutdown(Shutdown::Both);
+                let _ = l.shutdown(Shutdown::Both);
+            }));
+    }
+    let incoming = {
+        let session = session.clone();
+        std::thread::spawn(move || -> Result<(), String> {
+            let (raw, wire) = session.direction(!forward);
+            link::from_link(&mut link_in, &mut qemu_out, |r, w| {
+                raw.fetch_add(r, Ordering::Relaxed);
+                wire.fetch_add(w, Ordering::Relaxed);
+            })
+            .map_err(|e| {
+                // Fail the session now: the other direction may be blocked reading a QEMU that
+                // will never send again, and must be woken.
+                let why = format!("from the other shim: {e}");
+                session.fail(why.clone());
+                why
+            })?;
+            // The other side is done sending: pass the end on to QEMU.
+            qemu_out.shutdown(Shutdown::Write);
+            Ok(())
+        })
+    };
+    let mut link_out = link;
+    let (raw, wire) = session.direction(forward);
+    let outgoing = link::to_link(
+        &mut prefix.as_slice().chain(&mut qemu),
+        &mut link_out,
+        |r, w| {
+            raw.fetch_add(r, Ordering::Relaxed);
+            wire.fetch_add(w, Ordering::Relaxed);
+        },
+    )
+    .map_err(|e| {
+        let why = format!("to the other shim: {e}");
+        session.fail(why.clone());
+        why
+    });
+    let _ = link_out.shutdown(Shutdown::Write);
+    let incoming = incoming
+        .join()
+        .unwrap_or_else(|_| Err("relay thread panicked".into()));
+    outgoing?;
+    incoming
+}
+
+/// What the source shim needs.
+#[derive(Clone)]
+pub struct SourceConfig {
+    /// Where QEMU migrates to.
+    pub listen: Endpoint,
+    /// The destination shim.
+    pub to: String,
+    /// Pre-shared key, if any.
+    pub key: Option<Key>,
+    /// Exit after one migration.
+    pub once: bool,
+    /// Progress and summaries.
+    pub log: Log,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("listen", &self.listen)
+            .field("to", &self.to)
+            .finish()
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn bind(endpoint: &Endpoint) -> Result<Self, String> {
+        match endpoint {
+            Endpoint::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !meta.file_type().is_socket() {
+                        return Err(format!(
+                            "{} exists and is not a socket; not replacing it",
+                            path.display()
+                        ));
+                    }
+                    std::fs::remove_file(path).map_err(|e| {
+                        format!("cannot remove the old socket {}: {e}", path.display())
+                    })?;
+                }
+                Ok(Listener::Unix(UnixListener::bind(path).map_err(|e| {
+                    format!("cannot listen on {}: {e}", path.display())
+                })?))
+            }
+            Endpoint::Tcp(addr) => Ok(Listener::Tcp(
+                TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+            )),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Listener::Unix(l) => Conn::Unix(l.accept()?.0),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+}
+
+/// QEMU's multifd channel magic (big-endian on the wire).
+const MULTIFD_MAGIC: u32 = 0x1122_3344;
+
+/// Reads the first bytes of a QEMU connection and says what it is. Returns the bytes read, which
+/// must be forwarded first.
+fn classify(conn: &mut Conn) -> Result<(StreamKind, Vec<u8>), String> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut head = vec![0u8; 4];
+    conn.read_exact(&mut head)
+        .map_err(|e| format!("QEMU sent no stream header ({e})"))?;
+    let kind = if head == b"QEVM" {
+        StreamKind::Main
+    } else if u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) == MULTIFD_MAGIC {
+        // be32 version, 16-byte uuid, then the channel id.
+        let mut rest = vec![0u8; 21];
+        conn.read_exact(&mut rest)
+            .map_err(|e| format!("truncated multifd header ({e})"))?;
+        head.extend_from_slice(&rest);
+        StreamKind::Multifd(head[24])
+    } else {
+        return Err(format!(
+            "not a QEMU migration stream (it starts with {:02x?})",
+            &head[..4]
+        ));
+    };
+    conn.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok((kind, head))
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut id);
+    }
+    id
+}
+
+/// Runs the source shim until killed (or, with `once`, until one migration ended). Returns the
+/// summaries of the migrations it carried.
+pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
+    let listener = Listener::bind(&config.listen)?;
+    let to: SocketAddr = config
+        .to
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve the destination shim {}: {e}", config.to))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", config.to))?;
+    (config.log)(&format!(
+        "source shim: QEMU migrates to {}; destination shim {to}; {}",
+        config.listen,
+        if config.key.is_some() {
+            "authenticated"
+        } else {
+            "no key"
+        }
+    ));
+    let current: Arc<Mutex<Option<Arc<Session>>>> = Arc::new(Mutex::new(None));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Summary>();
+    let mut summaries = Vec::new();
+    loop {
+        if config.once && !summaries.is_empty() {
+            return Ok(summaries);
+        }
+        // With `once`, stop accepting as soon as the session is over.
+        let conn = match accept_or_done(&listener, &done_rx, &mut summaries, config.once)? {
+            Some(conn) => conn,
+            None => return Ok(summaries),
+        };
+        let (config, current, done_tx) = (config.clone(), current.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            let (kind, prefix) = match classify(&mut conn) {
+                Ok(c) => c,
+                Err(why) => {
+                    (config.log)(&format!("source shim: refused a connection: {why}"));
+                    return;
+                }
+            };
+            // A migration's connections arrive together, in no fixed order (QEMU 7.2 opens its
+            // multifd channels before the main channel sends anything): the first one opens the
+            // session, the others join it until it is over.
+            let session = {
+                let mut current = current.lock().expect("not poisoned");
+                match current.as_ref() {
+                    Some(s) if !s.main_done.load(Ordering::SeqCst) => s.clone(),
+                    _ => {
+                        let s = Session::new(random_id());
+                        *current = Some(s.clone());
+                        progress(s.clone(), "source", config.log.clone());
+                        s
+                    }
+                }
+            };
+            let main = kind == StreamKind::Main;
+            session.opened();
+            let result = (|| -> Result<(), String> {
+                let mut link = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+                    .map_err(|e| format!("cannot reach the destination shim {to}: {e}"))?;
+                link.set_nodelay(true).map_err(|e| e.to_string())?;
+                link.set_read_timeout(Some(Duration::from_secs(30)))
+                    .map_err(|e| e.to_string())?;
+                link::connect_handshake(
+                    &mut link,
+                    config.key.as_ref(),
+                    LinkHeader {
+                        session: session.id,
+                        kind,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+                link.set_read_timeout(None).map_err(|e| e.to_string())?;
+                relay(conn, prefix, link, &session, true)
+            })();
+            if let Err(why) = result {
+                session.fail(format!("{kind:?} channel: {why}"));
+            }
+            session.closed(main);
+            if main {
+                session.wait_finished();
+                let summary = session.summary();
+                (config.log)(&summary.render("source shim"));
+                let _ = done_tx.send(summary);
+            }
+        });
+    }
+}
+
+/// Accepts the next connection; with `once`, returns `None` when the migration finished first.
+fn accept_or_done(
+    listener: &Listener,
+    done: &std::sync::mpsc::Receiver<Summary>,
+    summaries: &mut Vec<Summary>,
+    once: bool,
+) -> Result<Option<Conn>, String> {
+    if !once {
+        loop {
+            while let Ok(s) = done.try_recv() {
+                summaries.push(s);
+            }
+            match listener.accept() {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("accept failed: {e}")),
+            }
+        }
+    }
+    // Poll so that the end of the migration can stop the shim.
+    set_nonblocking(listener, true)?;
+    loop {
+        if let Ok(s) = done.try_recv() {
+            summaries.push(s);
+            return Ok(None);
+        }
+        match listener.accept() {
+            Ok(c) => {
+                set_conn_blocking(&c)?;
+                return Ok(Some(c));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("accept failed: {e}")),
+        }
+    }
+}
+
+fn set_nonblocking(listener: &Listener, on: bool) -> Result<(), String> {
+    match listener {
+        Listener::Unix(l) => l.set_nonblocking(on),
+        Listener::Tcp(l) => l.set_nonblocking(on),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn set_conn_blocking(conn: &Conn) -> Result<(), String> {
+    match conn {
+        Conn::Unix(s) => s.set_nonblocking(false),
+        Conn::Tcp(s) => s.set_nonblocking(false),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// What the destination shim needs.
+#[derive(Clone)]
+pub struct DestinationConfig {
+    /// Where the source shim connects.
+    pub listen: String,
+    /// The destination QEMU's incoming socket.
+    pub qemu: Endpoint,
+    /// Pre-shared key, if any.
+    pub key: Option<Key>,
+    /// Accept unauthenticated peers that are not on loopback.
+    pub allow_remote_without_key: bool,
+    /// Exit after one migration.
+    pub once: bool,
+    /// Progress and summaries.
+    pub log: Log,
+}
+
+impl std::fmt::Debug for DestinationConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationConfig")
+            .field("listen", &self.listen)
+            .field("qemu", &self.qemu)
+            .finish()
+    }
+}
+
+/// Connects to QEMU, retrying for a while: the destination QEMU may still be starting.
+fn connect_qemu(endpoint: &Endpoint) -> Result<Conn, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Conn::connect(endpoint) {
+            Ok(c) => return Ok(c),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                return Err(format!(
+                    "cannot connect to the destination QEMU at {endpoint}: {e}"
+                ));
+            }
+        }
+    }
+}
+
+/// Runs the destination shim until killed (or, with `once`, until one migration ended).
+pub fn run_destination(config: DestinationConfig) -> Result<Vec<Summary>, String> {
+    let listener = TcpListener::bind(&config.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    run_destination_on(listener, config)
+}
+
+/// Like [`run_destination`], on a bound listener.
+pub fn run_destination_on(
+    listener: TcpListener,
+    config: DestinationConfig,
+) -> Result<Vec<Summary>, String> {
+    (config.log)(&format!(
+        "destination shim: listening on {}; QEMU at {}; {}",
+        listener.local_addr().map_err(|e| e.to_string())?,
+        config.qemu,
+        if config.key.is_some() {
+            "authenticated"
+        } else {
+            "no key"
+        }
+    ));
+    let sessions: Arc<Mutex<Vec<Arc<Session>>>> = Arc::new(Mutex::new(Vec::new()));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Summary>();
+    let mut summaries = Vec::new();
+    let listener = Listener::Tcp(listener);
+    loop {
+        if config.once && !summaries.is_empty() {
+            return Ok(summaries);
+        }
+        let conn = match accept_or_done(&listener, &done_rx, &mut summaries, config.once)? {
+            Some(conn) => conn,
+            None => return Ok(summaries),
+        };
+        let Conn::Tcp(mut link) = conn else {
+            unreachable!("the destination listens on TCP");
+        };
+        let (config, sessions, done_tx) = (config.clone(), sessions.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            let peer = link.peer_addr().ok();
+            let trusted =
+                config.allow_remote_without_key || peer.is_some_and(|p| p.ip().is_loopback());
+            let _ = link.set_read_timeout(Some(Duration::from_secs(30)));
+            let header = match link::accept_handshake(&mut link, config.key.as_ref(), trusted) {
+                Ok(h) => h,
+                Err(e) => {
+                    (config.log)(&format!(
+                        "destination shim: refused {}: {e}",
+                        peer.map_or("a peer".into(), |p| p.to_string())
+                    ));
+                    return;
+                }
+            };
+            let _ = link.set_read_timeout(None);
+            let main = header.kind == StreamKind::Main;
+            let session = {
+                let mut all = sessions.lock().expect("not poisoned");
+                all.retain(|s| !s.main_done.load(Ordering::SeqCst));
+                match all.iter().find(|s| s.id == header.session) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = Session::new(header.session);
+                        all.push(s.clone());
+                        s
+                    }
+                }
+            };
+            session.opened();
+            if main {
+                progress(session.clone(), "destination", config.log.clone());
+            }
+            let result = (|| -> Result<(), String> {
+                if !main {
+                    // QEMU takes its first connection as the main channel: wait for it.
+                    let mut ready = session.main_ready.lock().expect("not poisoned");
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while !*ready {
+                        if Instant::now() >= deadline {
+                            return Err("the main channel never came".into());
+                        }
+                        ready = session
+                            .changed
+                            .wait_timeout(ready, Duration::from_millis(50))
+                            .expect("not poisoned")
+                            .0;
+                    }
+                }
+                let qemu = connect_qemu(&config.qemu)?;
+                if main {
+                    *session.main_ready.lock().expect("not poisoned") = true;
+                    session.changed.notify_all();
+                }
+                relay(qemu, Vec::new(), link, &session, false)
+            })();
+            if let Err(why) = result {
+                session.fail(format!("{:?} channel: {why}", header.kind));
+            }
+            session.closed(main);
+            if main {
+                session.wait_finished();
+                let summary = session.summary();
+                (config.log)(&summary.render("destination shim"));
+                let _ = done_tx.send(summary);
+            }
+        });
+    }
+}

@@ -1,0 +1,266 @@
+//! Running the test guest under QEMU: for the tests and benchmarks that migrate real VMs.
+//!
+//! The guest is built by `scripts/build-guest.sh` (Debian's kernel, a busybox initramfs, a
+//! workload that fills memory and keeps dirtying it). QEMU runs it with TCG, a QMP socket and
+//! the serial console in a file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::qmp::{Qmp, QmpError};
+
+/// The kernel and initramfs of the test guest.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs with busybox and the workload.
+    pub initrd: PathBuf,
+}
+
+impl Guest {
+    /// The guest built by `scripts/build-guest.sh` under `root` (the workspace), with a message
+    /// saying how to build it if it is missing.
+    pub fn locate(root: &Path) -> Result<Self, String> {
+        let dir = root.join("target/guest");
+        let guest = Guest {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.gz"),
+        };
+        for file in [&guest.kernel, &guest.initrd] {
+            if !file.is_file() {
+                return Err(format!(
+                    "{} is missing: run scripts/build-guest.sh first",
+                    file.display()
+                ));
+            }
+        }
+        Ok(guest)
+    }
+}
+
+/// How to run one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// A name for files and logs.
+    pub name: String,
+    /// Directory for the QMP socket and the console log.
+    pub dir: PathBuf,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Memory the workload fills.
+    pub fill_mib: u32,
+    /// Pages the workload dirties per second.
+    pub dirty_rate: u32,
+    /// `-incoming` URI: this VM waits for a migration.
+    pub incoming: Option<String>,
+    /// Start paused (`-S`).
+    pub paused: bool,
+}
+
+/// A running QEMU.
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Child,
+    /// Its QMP connection.
+    pub qmp: Qmp,
+    /// The serial console's log file.
+    pub console: PathBuf,
+    /// The name given in the config.
+    pub name: String,
+}
+
+/// Why a VM could not be run or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// QEMU did not start.
+    #[error("cannot start QEMU ({0})")]
+    Start(#[source] std::io::Error),
+    /// QMP failed.
+    #[error("QMP")]
+    Qmp(#[from] QmpError),
+    /// The guest did not do what was awaited.
+    #[error("{0}")]
+    Guest(String),
+}
+
+impl QemuVm {
+    /// Starts a VM running the test guest.
+    pub fn start(guest: &Guest, config: &VmConfig) -> Result<Self, VmError> {
+        std::fs::create_dir_all(&config.dir).map_err(VmError::Start)?;
+        let qmp_path = config.dir.join(format!("{}.qmp", config.name));
+        let console = config.dir.join(format!("{}.console", config.name));
+        let _ = std::fs::remove_file(&qmp_path);
+        let _ = std::fs::remove_file(&console);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg,thread=multi",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args(["-m", &config.memory_mib.to_string()])
+        .arg("-kernel")
+        .arg(&guest.kernel)
+        .arg("-initrd")
+        .arg(&guest.initrd)
+        .args([
+            "-append",
+            &format!(
+                "console=ttyS0 quiet panic=-1 pagestream.fill={} pagestream.rate={}",
+                config.fill_mib, config.dirty_rate
+            ),
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-monitor", "none", "-nic", "none"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if let Some(uri) = &config.incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        if config.paused {
+            cmd.arg("-S");
+        }
+        let child = cmd.spawn().map_err(VmError::Start)?;
+        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20))?;
+        Ok(QemuVm {
+            child,
+            qmp,
+            console,
+            name: config.name.clone(),
+        })
+    }
+
+    /// The console output so far.
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `pattern` at least `count` times.
+    pub fn wait_console(
+        &self,
+        pattern: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.console_text().matches(pattern).count() >= count {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(VmError::Guest(format!(
+            "{}: console did not show '{pattern}' {count} times within {timeout:?}; it shows: {}",
+            self.name,
+            self.console_text()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )))
+    }
+
+    /// Sets migration capabilities.
+    pub fn capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), VmError> {
+        let list: Vec<Value> = caps
+            .iter()
+            .map(|(c, on)| json!({ "capability": c, "state": on }))
+            .collect();
+        self.qmp
+            .execute("migrate-set-capabilities", json!({ "capabilities": list }))?;
+        Ok(())
+    }
+
+    /// Sets migration parameters.
+    pub fn parameters(&mut self, params: Value) -> Result<(), VmError> {
+        self.qmp.execute("migrate-set-parameters", params)?;
+        Ok(())
+    }
+
+    /// Starts listening for an incoming migration (for a VM started with `-incoming defer`).
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), VmError> {
+        self.qmp
+            .execute("migrate-incoming", json!({ "uri": uri }))?;
+        Ok(())
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        self.qmp.execute("cont", json!({}))?;
+        Ok(())
+    }
+
+    /// Starts a migration to `uri`.
+    pub fn migrate(&mut self, uri: &str) -> Result<(), VmError> {
+        self.qmp.execute("migrate", json!({ "uri": uri }))?;
+        Ok(())
+    }
+
+    /// Waits until the migration ends; returns the final `query-migrate`.
+    pub fn wait_migration(&mut self, timeout: Duration) -> Result<Value, VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.qmp.execute("query-migrate", json!({}))?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" | "failed" | "cancelled" => return Ok(info),
+                _ if Instant::now() >= deadline => {
+                    return Err(VmError::Guest(format!(
+                        "{}: migration still {} after {timeout:?}",
+                        self.name, info["status"]
+                    )));
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// The run state (`running`, `paused`, `postmigrate`, `inmigrate`...).
+    pub fn status(&mut self) -> Result<String, VmError> {
+        let info = self.qmp.execute("query-status", json!({}))?;
+        Ok(info["status"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Saves guest physical memory `0..bytes` to `path`.
+    pub fn pmemsave(&mut self, path: &Path, bytes: u64) -> Result<(), VmError> {
+        self.qmp.execute(
+            "pmemsave",
+            json!({ "val": 0, "size": bytes, "filename": path.display().to_string() }),
+        )?;
+        Ok(())
+    }
+
+    /// Whether the QEMU process is still alive.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for QEMU to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the test guest for the QEMU tests and benchmarks:
+#   target/guest/vmlinuz         Debian's kernel (from the linux-image-amd64 dependency)
+#   target/guest/initramfs.gz    busybox, an init script and the static workload
+# Needs: apt-get (download only), dpkg-deb, gcc, cpio, gzip, busybox-static. Idempotent.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=target/guest
+mkdir -p "$out"
+fail() { echo "build-guest: $*" >&2; exit 1; }
+
+if [ ! -s "$out/vmlinuz" ]; then
+    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+    [ -n "$pkg" ] || fail "cannot resolve the kernel package behind linux-image-amd64"
+    work=$(mktemp -d)
+    (cd "$work" && apt-get download "$pkg" >/dev/null) || fail "apt-get download $pkg failed"
+    dpkg-deb -x "$work"/"$pkg"_*.deb "$work/x" || fail "cannot unpack $pkg"
+    cp "$work"/x/boot/vmlinuz-* "$out/vmlinuz"
+    rm -rf "$work"
+fi
+
+src=qemu-shim/guest
+if [ ! -s "$out/initramfs.gz" ] || [ "$src/workload.c" -nt "$out/initramfs.gz" ] || [ "$src/init" -nt "$out/initramfs.gz" ]; then
+    [ -x /bin/busybox ] || fail "/bin/busybox missing (apt-get install busybox-static)"
+    root=$(mktemp -d)
+    mkdir -p "$root/bin"
+    cp /bin/busybox "$root/bin/busybox"
+    gcc -O2 -static -o "$root/workload" "$src/workload.c" || fail "cannot build the workload"
+    cp "$src/init" "$root/init"
+    chmod +x "$root/init" "$root/workload"
+    (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
+    mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+    rm -rf "$root"
+fi
+echo "$out/vmlinuz $out/initramfs.gz"

@@ -1,0 +1,94 @@
+//! `pagestream shim send|recv`: QEMU's migration through pagestream.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use pagestream_qemu_shim::link::Key;
+use pagestream_qemu_shim::relay::{
+    DestinationConfig, Endpoint, SourceConfig, run_destination, run_source,
+};
+use pagestream_transport::net::stderr_log;
+
+#[derive(Subcommand, Debug)]
+pub enum ShimCommand {
+    /// Source host: QEMU migrates to --listen, the stream goes to the destination shim.
+    Send(SendArgs),
+    /// Destination host: receives from the source shim and feeds the destination QEMU.
+    Recv(RecvArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Where QEMU migrates to: unix:PATH (QMP `migrate uri=unix:PATH`) or tcp:HOST:PORT.
+    #[arg(long)]
+    listen: String,
+    /// The destination shim, HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Pre-shared key (at least 16 bytes), the same file on both hosts.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Exit after one migration.
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RecvArgs {
+    /// Where the source shim connects, ADDR:PORT.
+    #[arg(long)]
+    listen: String,
+    /// The destination QEMU's incoming socket: unix:PATH (`-incoming unix:PATH`) or
+    /// tcp:HOST:PORT.
+    #[arg(long)]
+    qemu: String,
+    /// Pre-shared key (at least 16 bytes), the same file on both hosts.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Without a key, accept source shims that are not on this host. Anyone who can reach the
+    /// port could then feed memory into the VM: use only on a trusted network.
+    #[arg(long)]
+    allow_remote_without_key: bool,
+    /// Exit after one migration.
+    #[arg(long)]
+    once: bool,
+}
+
+fn key(path: &Option<PathBuf>) -> Result<Option<Key>> {
+    path.as_deref()
+        .map(Key::from_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+}
+
+pub fn run(cmd: ShimCommand) -> Result<()> {
+    let summaries = match cmd {
+        ShimCommand::Send(args) => {
+            let listen: Endpoint = args.listen.parse().map_err(anyhow::Error::msg)?;
+            run_source(SourceConfig {
+                listen,
+                to: args.to,
+                key: key(&args.key_file)?,
+                once: args.once,
+                log: stderr_log(),
+            })
+        }
+        ShimCommand::Recv(args) => {
+            let qemu: Endpoint = args.qemu.parse().map_err(anyhow::Error::msg)?;
+            run_destination(DestinationConfig {
+                listen: args.listen,
+                qemu,
+                key: key(&args.key_file)?,
+                allow_remote_without_key: args.allow_remote_without_key,
+                once: args.once,
+                log: stderr_log(),
+            })
+        }
+    }
+    .map_err(anyhow::Error::msg)?;
+    if let Some(failed) = summaries.iter().find_map(|s| s.error.as_ref()) {
+        bail!("the migration failed: {failed}");
+    }
+    Ok(())
+}

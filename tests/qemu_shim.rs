@@ -1,0 +1,302 @@
+//! Real QEMU live migrations through the pagestream shims (needs qemu-system-x86_64 and the test
+//! guest from scripts/build-guest.sh; scripts/test.sh installs and builds both).
+//!
+//! Each test runs two QEMU processes (TCG) and the two shims as `pagestream shim send|recv`
+//! processes on loopback, migrates a guest whose workload keeps dirtying memory, and checks what
+//! a user would: the migration completes, the paused source and destination hold bit-identical
+//! memory, and the destination guest runs on.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig};
+use serde_json::json;
+
+const MEMORY_MIB: u32 = 256;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ps-shim-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn shim(args: &[&str], log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_pagestream"))
+            .arg("shim")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("pagestream runs"),
+    )
+}
+
+fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>) -> QemuVm {
+    QemuVm::start(
+        guest,
+        &VmConfig {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            memory_mib: MEMORY_MIB,
+            fill_mib: 96,
+            dirty_rate: 2000,
+            incoming: incoming.map(str::to_string),
+            paused: incoming.is_some(),
+        },
+    )
+    .expect("QEMU starts")
+}
+
+fn wait_exit(p: &mut Proc, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = p.0.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn memory(vm: &mut QemuVm, path: &Path) -> Vec<u8> {
+    vm.pmemsave(path, u64::from(MEMORY_MIB) << 20).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+struct Setup {
+    scratch: Scratch,
+    src: QemuVm,
+    dst: QemuVm,
+    recv: Proc,
+    send: Proc,
+}
+
+/// Two VMs and two shims, ready to migrate; `caps` set on both VMs.
+fn setup(name: &str, caps: &[(&str, bool)], params: serde_json::Value) -> Setup {
+    let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
+    let scratch = Scratch::new(name);
+    let dir = scratch.0.clone();
+    let dst_sock = dir.join("dst.sock");
+    let src_sock = dir.join("src.sock");
+    let port = free_port();
+    let mut dst = vm(&guest, &dir, "dst", Some("defer"));
+    dst.capabilities(caps).unwrap();
+    dst.parameters(params.clone()).unwrap();
+    dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
+        .unwrap();
+    let recv = shim(
+        &[
+            "recv",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--qemu",
+            &format!("unix:{}", dst_sock.display()),
+            "--once",
+        ],
+        &dir.join("recv.log"),
+    );
+    let send = shim(
+        &[
+            "send",
+            "--listen",
+            &format!("unix:{}", src_sock.display()),
+            "--to",
+            &format!("127.0.0.1:{port}"),
+            "--once",
+        ],
+        &dir.join("send.log"),
+    );
+    let mut src = vm(&guest, &dir, "src", None);
+    src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
+        .unwrap();
+    src.capabilities(caps).unwrap();
+    let mut params = params;
+    params["max-bandwidth"] = json!(1u64 << 40);
+    src.parameters(params).unwrap();
+    // The shim's socket exists once it listens.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !src_sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Setup {
+        scratch,
+        src,
+        dst,
+        recv,
+        send,
+    }
+}
+
+fn log(s: &Setup, name: &str) -> String {
+    read_log(&s.scratch.0, name)
+}
+
+fn read_log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+/// Migrates, then checks: completed, identical memory, shims report success, destination runs.
+fn migrate_and_verify(mut s: Setup) {
+    let src_sock = s.scratch.0.join("src.sock");
+    s.src
+        .migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    let info = s.src.wait_migration(Duration::from_secs(180)).unwrap();
+    assert_eq!(
+        info["status"],
+        "completed",
+        "{info}\nsend: {}\nrecv: {}",
+        log(&s, "send.log"),
+        log(&s, "recv.log")
+    );
+    let a = memory(&mut s.src, &s.scratch.0.join("src.mem"));
+    let b = memory(&mut s.dst, &s.scratch.0.join("dst.mem"));
+    assert_eq!(a.len(), b.len());
+    let differing = a
+        .chunks(4096)
+        .zip(b.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(
+        differing, 0,
+        "{differing} pages differ between source and destination"
+    );
+    let dir = s.scratch.0.clone();
+    for (p, name) in [(&mut s.send, "send.log"), (&mut s.recv, "recv.log")] {
+        let status = wait_exit(p, Duration::from_secs(20)).expect("shim exits after --once");
+        let text = read_log(&dir, name);
+        assert!(status.success(), "{name}: {text}");
+        assert!(text.contains("completed"), "{name}: {text}");
+        assert!(
+            text.contains("mode opaque"),
+            "{name} must say which mode ran and why: {text}"
+        );
+    }
+    // The destination guest runs on: its workload keeps printing.
+    let ticks_before = s
+        .dst
+        .console_text()
+        .matches("pagestream-workload tick")
+        .count();
+    s.dst.resume().unwrap();
+    s.dst
+        .wait_console(
+            "pagestream-workload tick",
+            ticks_before + 2,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+}
+
+#[test]
+fn migrates_through_the_shim_with_identical_memory() {
+    migrate_and_verify(setup("plain", &[], json!({})));
+}
+
+#[test]
+fn migrates_with_multifd_through_the_shim() {
+    let s = setup(
+        "multifd",
+        &[("multifd", true)],
+        json!({ "multifd-channels": 2 }),
+    );
+    migrate_and_verify(s);
+}
+
+#[test]
+fn migrates_with_the_return_path_through_the_shim() {
+    let s = setup("return-path", &[("return-path", true)], json!({}));
+    migrate_and_verify(s);
+}
+
+#[test]
+fn a_killed_shim_fails_the_migration_and_the_source_runs_on() {
+    let mut s = setup("killed", &[], json!({}));
+    let src_sock = s.scratch.0.join("src.sock");
+    s.src
+        .migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    // Kill the source shim once data is flowing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = s.src.qmp.execute("query-migrate", json!({})).unwrap();
+        if info["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = s.send.0.kill();
+    let info = s
+        .src
+        .wait_migration(Duration::from_secs(30))
+        .expect("no hang on the source");
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(
+        s.src.status().unwrap(),
+        "running",
+        "the source VM must keep running"
+    );
+    let ticks = s
+        .src
+        .console_text()
+        .matches("pagestream-workload tick")
+        .count();
+    s.src
+        .wait_console(
+            "pagestream-workload tick",
+            ticks + 2,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    // The destination side gives up too: its shim reports the failure and exits, and QEMU
+    // stops waiting.
+    let status = wait_exit(&mut s.recv, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("destination shim still runs: {}", log(&s, "recv.log")));
+    assert!(!status.success(), "{}", log(&s, "recv.log"));
+    assert!(
+        log(&s, "recv.log").contains("FAILED"),
+        "{}",
+        log(&s, "recv.log")
+    );
+    assert!(
+        s.dst.wait_exit(Duration::from_secs(30)),
+        "the destination QEMU still waits"
+    );
+}
