@@ -15,6 +15,35 @@ use crate::progress;
 pub enum BenchCommand {
     /// Stream a memory image through the transport, against raw bytes over one TCP socket.
     Transport(TransportArgs),
+    /// Migrate a QEMU guest over an emulated link: QEMU alone (native, multifd+zstd, XBZRLE)
+    /// and through the pagestream shims.
+    Qemu(QemuArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QemuArgs {
+    /// The emulated link, e.g. 1gbit (needs root: two network namespaces and a shaped veth pair,
+    /// removed afterwards).
+    #[arg(long, default_value = "1gbit")]
+    link: String,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem: u32,
+    /// Memory the guest's workload fills, MiB.
+    #[arg(long, default_value_t = 512)]
+    fill: u32,
+    /// Pages the workload dirties per second.
+    #[arg(long, default_value_t = 2000)]
+    dirty_rate: u32,
+    /// Seconds after which a migration counts as not converging (and is cancelled).
+    #[arg(long, default_value_t = 60)]
+    time_limit: u64,
+    /// Methods to run, comma-separated: native, multifd-zstd, xbzrle, shim.
+    #[arg(long, default_value = "native,multifd-zstd,xbzrle,shim")]
+    methods: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +85,7 @@ pub struct TransportArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Transport(args) => transport(args),
+        BenchCommand::Qemu(args) => qemu(args),
     }
 }
 
@@ -180,4 +210,83 @@ fn print_report(r: &TransportBenchReport) {
         parts.join(", "),
         r.lz4_share
     );
+}
+
+fn qemu(args: QemuArgs) -> Result<()> {
+    use pagestream_benches::qemu_bench::{self, Method, QemuBenchConfig};
+    let link = transport_bench::parse_link(&args.link)
+        .map_err(anyhow::Error::msg)
+        .context("bad --link")?;
+    if args.fill >= args.mem || args.mem < 128 || args.mem > 16384 {
+        bail!("--mem must be 128 to 16384 MiB and larger than --fill");
+    }
+    let methods = args
+        .methods
+        .split(',')
+        .map(|name| {
+            Method::ALL
+                .into_iter()
+                .find(|m| m.name() == name.trim())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown method '{name}' (known: native, multifd-zstd, xbzrle, shim)"
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = QemuBenchConfig {
+        link,
+        memory_mib: args.mem,
+        fill_mib: args.fill,
+        dirty_rate: args.dirty_rate,
+        time_limit: std::time::Duration::from_secs(args.time_limit),
+        methods,
+    };
+    let workspace = std::env::current_dir()?;
+    let spinner = progress::spinner("benchmarking");
+    let report = qemu_bench::run(&workspace, &config, |step| {
+        spinner.set_message(step.to_string())
+    });
+    spinner.finish_and_clear();
+    let report = report.map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} MiB guest, {} MiB filled, {} dirty pages/s, over {} ({:.1} MB/s); {}",
+        report.memory_mib,
+        report.fill_mib,
+        report.dirty_rate,
+        report.link,
+        report.link_mb_s.unwrap_or(0.0),
+        report.qemu
+    );
+    println!("machine: {}\n", report.machine);
+    println!(
+        "{:<14} {:>10} {:>10} {:>14} {:>12} {:>10}",
+        "method", "total s", "downtime", "on the wire", "converged", "status"
+    );
+    for r in &report.results {
+        println!(
+            "{:<14} {:>10} {:>10} {:>10.1} MiB {:>12} {:>10}",
+            r.method.name(),
+            r.total_s.map_or("-".into(), |t| format!("{t:.2}")),
+            r.downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
+            r.wire_bytes as f64 / (1u64 << 20) as f64,
+            if r.converged { "yes" } else { "no" },
+            r.status
+        );
+    }
+    if let Some(x) = report.shim_vs_native_time {
+        print!("\nshim total time {x:.2}x native's");
+        if let Some(b) = report.shim_vs_best_qemu_time {
+            print!(", {b:.2}x the best QEMU configuration's");
+        }
+        if let Some(d) = report.shim_vs_native_downtime {
+            print!("; downtime {d:.2}x native's");
+        }
+        println!();
+    }
+    Ok(())
 }

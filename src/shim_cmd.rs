@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use pagestream_qemu_shim::link::Key;
+use pagestream_qemu_shim::link::{Compression, Key};
 use pagestream_qemu_shim::relay::{
     DestinationConfig, Endpoint, SourceConfig, run_destination, run_source,
 };
@@ -29,6 +29,10 @@ pub struct SendArgs {
     /// Pre-shared key (at least 16 bytes), the same file on both hosts.
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// Compression of the stream: auto (zstd while the link is the bottleneck, LZ4 otherwise),
+    /// lz4 or zstd.
+    #[arg(long, default_value = "auto")]
+    compression: String,
     /// Exit after one migration.
     #[arg(long)]
     once: bool,
@@ -55,6 +59,15 @@ pub struct RecvArgs {
     once: bool,
 }
 
+fn compression(text: &str) -> Result<Compression> {
+    Ok(match text {
+        "auto" => Compression::Auto,
+        "lz4" => Compression::Lz4,
+        "zstd" => Compression::Zstd,
+        other => bail!("--compression must be auto, lz4 or zstd, not '{other}'"),
+    })
+}
+
 fn key(path: &Option<PathBuf>) -> Result<Option<Key>> {
     path.as_deref()
         .map(Key::from_file)
@@ -70,6 +83,7 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                 listen,
                 to: args.to,
                 key: key(&args.key_file)?,
+                compression: compression(&args.compression)?,
                 once: args.once,
                 log: stderr_log(),
             })
@@ -81,6 +95,7 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                 qemu,
                 key: key(&args.key_file)?,
                 allow_remote_without_key: args.allow_remote_without_key,
+                compression: Compression::Auto,
                 once: args.once,
                 log: stderr_log(),
             })

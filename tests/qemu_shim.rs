@@ -79,6 +79,7 @@ fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>) -> QemuVm {
             dirty_rate: 2000,
             incoming: incoming.map(str::to_string),
             paused: incoming.is_some(),
+            netns: None,
         },
     )
     .expect("QEMU starts")

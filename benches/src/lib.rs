@@ -7,4 +7,5 @@ pub mod codec_bench;
 pub mod imagegen;
 pub mod machine;
 pub mod netns;
+pub mod qemu_bench;
 pub mod transport_bench;

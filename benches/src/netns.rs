@@ -212,6 +212,31 @@ impl LinkPair {
         Ok(pair)
     }
 
+    /// Name of the source namespace.
+    pub fn src_ns(&self) -> &str {
+        &self.src_ns
+    }
+
+    /// Name of the destination namespace.
+    pub fn dst_ns(&self) -> &str {
+        &self.dst_ns
+    }
+
+    /// Bytes the source end has transmitted so far (everything that crossed the link towards the
+    /// destination, headers included).
+    pub fn src_tx_bytes(&self) -> Result<u64, String> {
+        let iface = format!("psb{}s", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.src_ns, "cat"])
+            .arg(format!("/sys/class/net/{iface}/statistics/tx_bytes"))
+            .output()
+            .map_err(|e| format!("cannot read link counters: {e}"))?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| "cannot read link counters".to_string())
+    }
+
     /// Moves the calling thread into the source namespace (threads it starts inherit it).
     pub fn enter_src(&self) -> io::Result<()> {
         enter(&self.src_ns)

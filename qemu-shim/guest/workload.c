@@ -6,9 +6,9 @@
  *
  * Memory is filled in extents of one kind at a time, as a running system's memory looks: text,
  * arrays of small integers, heap objects full of pointers, machine code, random (compressed or
- * encrypted) data, untouched (zero) pages, and copies of earlier extents. Content comes from a
- * few template pages per kind, each copy stamped so that pages are not trivially identical, so
- * that filling runs quickly under TCG.
+ * encrypted) data, untouched (zero) pages, and copies of earlier extents. Every page's content
+ * is generated on its own (no templates), so that no compressor finds more redundancy than real
+ * memory has; the generators work a word at a time so that filling stays fast under TCG.
  *
  * Each console line says "pagestream-workload tick N dirtied D": a migrated guest that runs on
  * keeps printing them.
@@ -22,7 +22,6 @@
 #include <sys/mman.h>
 
 #define PAGE 4096
-#define TEMPLATES 16
 
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
 
@@ -106,10 +105,7 @@ int main(int argc, char **argv) {
         perror("pagestream-workload: mmap");
         return 1;
     }
-    static uint8_t templates[5][TEMPLATES][PAGE];
     void (*fill[5])(uint8_t *) = {fill_text, fill_ints, fill_pointers, fill_code, fill_random};
-    for (int k = 0; k < 5; k++)
-        for (int t = 0; t < TEMPLATES; t++) fill[k](templates[k][t]);
 
     /* Kinds and their shares (percent of extents): text, ints, pointers, code, random, zero, dup. */
     static const int share[7] = {18, 14, 14, 12, 8, 22, 12};
@@ -121,13 +117,8 @@ int main(int argc, char **argv) {
         if (len > pages - page) len = pages - page;
         for (size_t i = 0; i < len; i++) {
             uint8_t *p = mem + (page + i) * PAGE;
-            if (kind < 4) {
-                memcpy(p, templates[kind][next() % TEMPLATES], PAGE);
-                /* Stamp: a few words that differ from page to page. */
-                ((uint64_t *)p)[next() % (PAGE / 8)] = page + i;
-                ((uint64_t *)p)[next() % (PAGE / 8)] = next() % 100000;
-            } else if (kind == 4) {
-                fill_random(p);
+            if (kind < 5) {
+                fill[kind](p);
             } else if (kind == 5) {
                 /* Free memory: touched (so it is allocated) but zero. */
                 p[0] = 0;

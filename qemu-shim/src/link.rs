@@ -11,8 +11,13 @@
 //!  dest → source   u8 status (0 accepted, 2 refused + u16 length + reason)
 //!
 //!  frames, both directions, until each side sends its end marker:
-//!    u32 header: bit 31 = LZ4-compressed, bits 0..=30 = payload length; 0 = end of this direction
-//!    compressed payload: u32 original length | LZ4 block
+//!    u32 header: bit 31 = LZ4 block, bit 30 = zstd stream, bits 0..=29 = payload length;
+//!                0 = end of this direction
+//!    compressed payload: u32 original length | LZ4 block, or | zstd stream data
+//!
+//!  The zstd frames of one direction form one zstd stream, flushed at the end of every frame:
+//!  the receiver decodes each frame as it arrives, the compressor keeps its history across
+//!  frames. LZ4 and raw frames do not pass through it, on either end.
 //! ```
 //!
 //! The destination proves it knows the key before the source sends anything of the VM's; the
@@ -20,6 +25,7 @@
 //! MACs are compared in constant time.
 
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -32,7 +38,24 @@ pub const LINK_VERSION: u16 = 1;
 pub const MAX_CHUNK: usize = 256 << 10;
 /// Largest frame payload accepted (a compressed chunk can be a little larger than the chunk).
 pub const MAX_FRAME: usize = MAX_CHUNK + MAX_CHUNK / 64 + 64;
-const COMPRESSED: u32 = 1 << 31;
+const LZ4: u32 = 1 << 31;
+const ZSTD: u32 = 1 << 30;
+const LENGTH: u32 = ZSTD - 1;
+
+/// How a link compresses what it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// A share of the chunks with zstd, the rest with LZ4: the share grows while the link is the
+    /// bottleneck (writes to it block) and shrinks while compression is.
+    Auto,
+    /// Always LZ4 (fast; for fast links).
+    Lz4,
+    /// Always zstd (level 1, streaming: tighter; for slow links).
+    Zstd,
+}
+
+/// Chunks per decision of [`Compression::Auto`].
+const CHOICE_WINDOW: u32 = 16;
 
 /// Which QEMU connection a link carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,16 +322,35 @@ pub struct Moved {
 
 /// Copies a QEMU stream into link frames until it ends, then sends the end marker. Chunks are
 /// forwarded as soon as they are read (QEMU's device state and return-path messages must not
-/// wait for more data), compressed when that makes them smaller.
-/// `on_frame(raw, wire)` is called for every frame sent.
+/// wait for more data), compressed when that makes them smaller. `on_frame(raw, wire)` is called
+/// for every frame sent.
+///
+/// With [`Compression::Auto`] the share of chunks compressed with zstd follows the bottleneck:
+/// every [`CHOICE_WINDOW`] chunks it grows by a quarter when writes to the link blocked for more
+/// than 30% of the time (the link is slower than compression, zstd's tighter output pays), and
+/// shrinks by a quarter under 10% (compression is the limit, LZ4's speed pays). zstd costs
+/// several times LZ4's CPU, so on a machine that also runs the VMs the best mix is often neither
+/// end.
 pub fn to_link(
     from: &mut impl Read,
     link: &mut impl Write,
+    compression: Compression,
     mut on_frame: impl FnMut(u64, u64),
 ) -> io::Result<Moved> {
     let mut buf = vec![0u8; MAX_CHUNK];
-    let mut out = vec![0u8; 8 + lz4_flex::block::get_maximum_output_size(MAX_CHUNK)];
+    let bound = lz4_flex::block::get_maximum_output_size(MAX_CHUNK)
+        .max(zstd::zstd_safe::compress_bound(MAX_CHUNK) + 4096);
+    let mut out = vec![0u8; 8 + bound];
     let mut table = lz4_flex::block::CompressTable::large();
+    let mut zstd_stream: Option<zstd::stream::raw::Encoder<'static>> = None;
+    // Quarters of the chunks that go to zstd (0 to 4), and the credit that spreads them.
+    let mut zstd_quarters: u32 = if compression == Compression::Zstd {
+        4
+    } else {
+        0
+    };
+    let mut credit = 0;
+    let (mut waited, mut busy, mut chunks) = (Duration::ZERO, Duration::ZERO, 0);
     let mut moved = Moved::default();
     loop {
         let n = match from.read(&mut buf) {
@@ -318,11 +360,26 @@ pub fn to_link(
             Err(e) => return Err(e),
         };
         let chunk = &buf[..n];
-        let frame_len = if n >= 256 {
+        let started = Instant::now();
+        credit += zstd_quarters;
+        let use_zstd = credit >= 4;
+        if use_zstd {
+            credit -= 4;
+        }
+        let frame_len = if use_zstd {
+            let encoder = match &mut zstd_stream {
+                Some(e) => e,
+                None => zstd_stream.insert(zstd::stream::raw::Encoder::new(1)?),
+            };
+            let c = zstd_compress(encoder, chunk, &mut out[8..])?;
+            out[..4].copy_from_slice(&((c as u32 + 4) | ZSTD).to_le_bytes());
+            out[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+            8 + c
+        } else if n >= 256 {
             let c = lz4_flex::block::compress_into_with_table(chunk, &mut out[8..], &mut table)
                 .expect("output holds the worst case");
             if c + 4 < n {
-                out[..4].copy_from_slice(&((c as u32 + 4) | COMPRESSED).to_le_bytes());
+                out[..4].copy_from_slice(&((c as u32 + 4) | LZ4).to_le_bytes());
                 out[4..8].copy_from_slice(&(n as u32).to_le_bytes());
                 8 + c
             } else {
@@ -331,6 +388,8 @@ pub fn to_link(
         } else {
             0
         };
+        busy += started.elapsed();
+        let writing = Instant::now();
         let wire = if frame_len > 0 {
             link.write_all(&out[..frame_len])?;
             frame_len
@@ -339,14 +398,29 @@ pub fn to_link(
             link.write_all(chunk)?;
             4 + n
         };
+        waited += writing.elapsed();
         moved.wire += wire as u64;
         moved.raw += n as u64;
         on_frame(n as u64, wire as u64);
+        chunks += 1;
+        if compression == Compression::Auto && chunks == CHOICE_WINDOW {
+            let share = waited.as_secs_f64() / (waited + busy).as_secs_f64().max(1e-9);
+            if share > 0.3 {
+                zstd_quarters = (zstd_quarters + 1).min(4);
+            } else if share < 0.1 {
+                zstd_quarters = zstd_quarters.saturating_sub(1);
+            }
+            (waited, busy, chunks) = (Duration::ZERO, Duration::ZERO, 0);
+        }
     }
     link.write_all(&0u32.to_le_bytes())?;
     link.flush()?;
     moved.wire += 4;
     Ok(moved)
+}
+
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
 /// Copies link frames into a QEMU stream until the end marker, calling `on_frame(raw, wire)`
@@ -359,6 +433,7 @@ pub fn from_link(
 ) -> io::Result<Moved> {
     let mut payload = vec![0u8; MAX_FRAME];
     let mut plain = vec![0u8; MAX_CHUNK];
+    let mut zstd_stream: Option<zstd::stream::raw::Decoder<'static>> = None;
     let mut moved = Moved::default();
     loop {
         let header = match read_array::<4>(link) {
@@ -375,47 +450,92 @@ pub fn from_link(
         if header == 0 {
             return Ok(moved);
         }
-        let len = (header & !COMPRESSED) as usize;
+        let len = (header & LENGTH) as usize;
         if len > MAX_FRAME {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "frame of {len} bytes from the other shim exceeds the limit of {MAX_FRAME}"
-                ),
-            ));
+            return Err(invalid(format!(
+                "frame of {len} bytes from the other shim exceeds the limit of {MAX_FRAME}"
+            )));
         }
         link.read_exact(&mut payload[..len])?;
         moved.wire += len as u64;
-        if header & COMPRESSED != 0 {
+        let raw = if header & (LZ4 | ZSTD) == 0 {
+            to.write_all(&payload[..len])?;
+            len
+        } else {
             if len < 4 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "compressed frame too short",
-                ));
+                return Err(invalid("compressed frame too short"));
             }
             let raw = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
             if raw > MAX_CHUNK {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "compressed frame too large",
-                ));
+                return Err(invalid("compressed frame too large"));
             }
-            let n = lz4_flex::block::decompress_into(&payload[4..len], &mut plain[..raw]).map_err(
-                |e| io::Error::new(io::ErrorKind::InvalidData, format!("bad LZ4 data: {e}")),
-            )?;
-            if n != raw {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "LZ4 data of the wrong length",
-                ));
+            if header & ZSTD != 0 {
+                let decoder = match &mut zstd_stream {
+                    Some(d) => d,
+                    None => zstd_stream.insert(zstd::stream::raw::Decoder::new()?),
+                };
+                let produced = zstd_decompress(decoder, &payload[4..len], &mut plain, to)?;
+                if produced != raw {
+                    return Err(invalid(format!(
+                        "zstd frame decoded to {produced} bytes, announced {raw}"
+                    )));
+                }
+            } else {
+                let n = lz4_flex::block::decompress_into(&payload[4..len], &mut plain[..raw])
+                    .map_err(|e| invalid(format!("bad LZ4 data: {e}")))?;
+                if n != raw {
+                    return Err(invalid("LZ4 data of the wrong length"));
+                }
+                to.write_all(&plain[..raw])?;
             }
-            to.write_all(&plain[..raw])?;
-            moved.raw += raw as u64;
-            on_frame(raw as u64, 4 + len as u64);
-        } else {
-            to.write_all(&payload[..len])?;
-            moved.raw += len as u64;
-            on_frame(len as u64, 4 + len as u64);
+            raw
+        };
+        moved.raw += raw as u64;
+        on_frame(raw as u64, 4 + len as u64);
+    }
+}
+
+/// Feeds `chunk` into the zstd stream and flushes it into `out`; returns the bytes written.
+fn zstd_compress(
+    encoder: &mut zstd::stream::raw::Encoder<'static>,
+    chunk: &[u8],
+    out: &mut [u8],
+) -> io::Result<usize> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut input = InBuffer::around(chunk);
+    let mut output = OutBuffer::around(out);
+    while input.pos() < chunk.len() {
+        encoder.run(&mut input, &mut output)?;
+    }
+    while encoder.flush(&mut output)? > 0 {
+        if output.pos() == output.capacity() {
+            return Err(io::Error::other("zstd output exceeds its bound"));
+        }
+    }
+    Ok(output.pos())
+}
+
+/// Decodes one zstd frame's data and writes what it yields to `to`; returns the bytes written.
+fn zstd_decompress(
+    decoder: &mut zstd::stream::raw::Decoder<'static>,
+    mut input: &[u8],
+    plain: &mut [u8],
+    to: &mut impl Write,
+) -> io::Result<usize> {
+    use zstd::stream::raw::Operation;
+    let mut produced = 0;
+    loop {
+        let status = decoder
+            .run_on_buffers(input, plain)
+            .map_err(|e| invalid(format!("bad zstd data: {e}")))?;
+        to.write_all(&plain[..status.bytes_written])?;
+        produced += status.bytes_written;
+        input = &input[status.bytes_read..];
+        if input.is_empty() && status.bytes_written < plain.len() {
+            return Ok(produced);
+        }
+        if status.bytes_read == 0 && status.bytes_written == 0 {
+            return Err(invalid("zstd data does not advance"));
         }
     }
 }
@@ -472,19 +592,32 @@ mod tests {
         for i in 0..700_000u32 {
             data.push((i % 251) as u8 ^ if i % 5000 < 100 { (i * 7) as u8 } else { 0 });
         }
-        let mut link = Vec::new();
-        let moved = to_link(&mut &data[..], &mut link, |_, _| {}).unwrap();
-        assert_eq!(moved.raw, data.len() as u64);
-        assert!(
-            moved.wire < moved.raw,
-            "compressible data was not compressed"
-        );
-        let mut out = Vec::new();
-        let back = from_link(&mut &link[..], &mut out, |_, _| {}).unwrap();
-        assert_eq!(out, data);
-        assert_eq!(back.raw, moved.raw);
-        // A link cut short is an error, never a clean end.
-        let mut out = Vec::new();
-        assert!(from_link(&mut &link[..link.len() - 10], &mut out, |_, _| {}).is_err());
+        for compression in [Compression::Lz4, Compression::Zstd, Compression::Auto] {
+            let mut link = Vec::new();
+            // Small reads, so that the stream spans many frames.
+            let mut source = Chunked(&data[..], 100_000);
+            let moved = to_link(&mut source, &mut link, compression, |_, _| {}).unwrap();
+            assert_eq!(moved.raw, data.len() as u64);
+            assert!(moved.wire < moved.raw, "{compression:?}: not compressed");
+            let mut out = Vec::new();
+            let back = from_link(&mut &link[..], &mut out, |_, _| {}).unwrap();
+            assert!(out == data, "{compression:?}: stream differs");
+            assert_eq!(back.raw, moved.raw);
+            // A link cut short is an error, never a clean end.
+            let mut out = Vec::new();
+            assert!(from_link(&mut &link[..link.len() - 10], &mut out, |_, _| {}).is_err());
+        }
+    }
+
+    /// A reader that hands out at most `n` bytes per read.
+    struct Chunked<'a>(&'a [u8], usize);
+
+    impl Read for Chunked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.1).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use pagestream_transport::net::Log;
 
-use crate::link::{self, Key, LinkHeader, Moved, StreamKind};
+use crate::link::{self, Compression, Key, LinkHeader, Moved, StreamKind};
 
 /// A QEMU-side endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -316,6 +316,7 @@ fn relay(
     link: TcpStream,
     session: &Arc<Session>,
     forward: bool,
+    compression: Compression,
 ) -> Result<(), String> {
     let clone_err = |e: io::Error| format!("cannot set up the relay: {e}");
     let mut qemu_out = qemu.try_clone().map_err(clone_err)?;
@@ -359,6 +360,7 @@ fn relay(
     let outgoing = link::to_link(
         &mut prefix.as_slice().chain(&mut qemu),
         &mut link_out,
+        compression,
         |r, w| {
             raw.fetch_add(r, Ordering::Relaxed);
             wire.fetch_add(w, Ordering::Relaxed);
@@ -386,6 +388,8 @@ pub struct SourceConfig {
     pub to: String,
     /// Pre-shared key, if any.
     pub key: Option<Key>,
+    /// How the migration stream is compressed.
+    pub compression: Compression,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -556,7 +560,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                 )
                 .map_err(|e| e.to_string())?;
                 link.set_read_timeout(None).map_err(|e| e.to_string())?;
-                relay(conn, prefix, link, &session, true)
+                relay(conn, prefix, link, &session, true, config.compression)
             })();
             if let Err(why) = result {
                 session.fail(format!("{kind:?} channel: {why}"));
@@ -639,6 +643,8 @@ pub struct DestinationConfig {
     pub key: Option<Key>,
     /// Accept unauthenticated peers that are not on loopback.
     pub allow_remote_without_key: bool,
+    /// How the return path is compressed.
+    pub compression: Compression,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -762,7 +768,7 @@ pub fn run_destination_on(
                     *session.main_ready.lock().expect("not poisoned") = true;
                     session.changed.notify_all();
                 }
-                relay(qemu, Vec::new(), link, &session, false)
+                relay(qemu, Vec::new(), link, &session, false, config.compression)
             })();
             if let Err(why) = result {
                 session.fail(format!("{:?} channel: {why}", header.kind));

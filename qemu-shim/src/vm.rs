@@ -59,6 +59,9 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     /// Start paused (`-S`).
     pub paused: bool,
+    /// Run QEMU in this network namespace (`ip netns exec`), so that its TCP migration uses the
+    /// namespace's link.
+    pub netns: Option<String>,
 }
 
 /// A running QEMU.
@@ -95,7 +98,14 @@ impl QemuVm {
         let console = config.dir.join(format!("{}.console", config.name));
         let _ = std::fs::remove_file(&qmp_path);
         let _ = std::fs::remove_file(&console);
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = match &config.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
         cmd.args([
             "-accel",
             "tcg,thread=multi",

@@ -27,6 +27,7 @@ fn native_migration_gives_identical_memory() {
         dirty_rate: 500,
         incoming,
         paused: false,
+        netns: None,
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))

@@ -1,0 +1,377 @@
+//! `pagestream bench qemu`: the same guest migrated over the same emulated link by QEMU alone
+//! (plain `tcp:`, multifd with zstd, XBZRLE) and through the pagestream shims.
+//!
+//! Each method gets a fresh pair of VMs: the test guest (scripts/build-guest.sh) with its
+//! workload filling memory and dirtying pages at the requested rate. QEMU's `max-bandwidth` is
+//! set far above the link, so the link is the limit. Measured per method: QEMU's total time,
+//! downtime from the source's `STOP` event to the destination's `RESUME` event (both carry the
+//! host's time), the bytes that crossed the link (the veth's own counter, headers included),
+//! and whether the migration converged within the time limit.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pagestream_qemu_shim::qmp::event_time;
+use pagestream_qemu_shim::relay::{
+    DestinationConfig, Endpoint, SourceConfig, run_destination, run_source,
+};
+use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::netns::LinkPair;
+use crate::transport_bench::Link;
+
+/// A way to migrate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// QEMU's own `tcp:` migration.
+    Native,
+    /// QEMU multifd (2 channels) with zstd compression.
+    MultifdZstd,
+    /// QEMU with XBZRLE (64 MiB cache).
+    Xbzrle,
+    /// QEMU to the source shim, shim to shim over the link, to the destination QEMU.
+    Shim,
+}
+
+impl Method {
+    /// Every method, in report order.
+    pub const ALL: [Method; 4] = [
+        Method::Native,
+        Method::MultifdZstd,
+        Method::Xbzrle,
+        Method::Shim,
+    ];
+
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Native => "native",
+            Method::MultifdZstd => "multifd-zstd",
+            Method::Xbzrle => "xbzrle",
+            Method::Shim => "shim",
+        }
+    }
+
+    fn capabilities(self) -> Vec<(&'static str, bool)> {
+        match self {
+            Method::MultifdZstd => vec![("multifd", true)],
+            Method::Xbzrle => vec![("xbzrle", true)],
+            Method::Native | Method::Shim => vec![],
+        }
+    }
+
+    fn parameters(self) -> Value {
+        match self {
+            Method::MultifdZstd => json!({ "multifd-channels": 2, "multifd-compression": "zstd" }),
+            _ => json!({}),
+        }
+    }
+}
+
+/// How to run the benchmark.
+#[derive(Clone, Debug)]
+pub struct QemuBenchConfig {
+    /// The emulated link (a rate: the methods must share a real link).
+    pub link: Link,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Memory the workload fills.
+    pub fill_mib: u32,
+    /// Pages the workload dirties per second.
+    pub dirty_rate: u32,
+    /// A migration still running after this long did not converge (and is cancelled).
+    pub time_limit: Duration,
+    /// Methods to run.
+    pub methods: Vec<Method>,
+}
+
+/// One method's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodResult {
+    /// The method.
+    pub method: Method,
+    /// Whether the migration completed within the time limit.
+    pub converged: bool,
+    /// QEMU's final status.
+    pub status: String,
+    /// QEMU's `total-time`, seconds (null if it did not complete).
+    pub total_s: Option<f64>,
+    /// Source `STOP` to destination `RESUME`, milliseconds.
+    pub downtime_ms: Option<f64>,
+    /// QEMU's own `downtime` field, milliseconds (measured on the source only).
+    pub qemu_downtime_ms: Option<f64>,
+    /// Bytes that crossed the link towards the destination.
+    pub wire_bytes: u64,
+    /// Bytes QEMU says it transferred.
+    pub qemu_transferred: u64,
+}
+
+/// The result of `pagestream bench qemu`.
+#[derive(Clone, Debug, Serialize)]
+pub struct QemuBenchReport {
+    /// The link.
+    pub link: String,
+    /// Its rate, MB/s.
+    pub link_mb_s: Option<f64>,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Filled memory, MiB.
+    pub fill_mib: u32,
+    /// Dirtied pages per second.
+    pub dirty_rate: u32,
+    /// Time limit, seconds.
+    pub time_limit_s: f64,
+    /// Per method.
+    pub results: Vec<MethodResult>,
+    /// Shim total time over native's.
+    pub shim_vs_native_time: Option<f64>,
+    /// Shim total time over the best QEMU configuration's.
+    pub shim_vs_best_qemu_time: Option<f64>,
+    /// Shim downtime over native's.
+    pub shim_vs_native_downtime: Option<f64>,
+    /// QEMU's version.
+    pub qemu: String,
+    /// The machine.
+    pub machine: String,
+}
+
+const PORT: u16 = 4444;
+
+fn run_method(
+    guest: &Guest,
+    pair: &LinkPair,
+    dir: &Path,
+    config: &QemuBenchConfig,
+    method: Method,
+) -> Result<MethodResult, String> {
+    let err = |e: pagestream_qemu_shim::vm::VmError| e.to_string();
+    let shim = method == Method::Shim;
+    let dst_sock = dir.join(format!("{}-dst.sock", method.name()));
+    let src_sock = dir.join(format!("{}-src.sock", method.name()));
+    let vm_config = |name: &str, netns: Option<&str>| VmConfig {
+        name: format!("{}-{name}", method.name()),
+        dir: dir.to_path_buf(),
+        memory_mib: config.memory_mib,
+        fill_mib: config.fill_mib,
+        dirty_rate: config.dirty_rate,
+        incoming: None,
+        paused: false,
+        netns: netns.map(str::to_string),
+    };
+    let mut dst_cfg = vm_config("dst", (!shim).then(|| pair.dst_ns()));
+    dst_cfg.incoming = Some("defer".into());
+    let mut dst = QemuVm::start(guest, &dst_cfg).map_err(err)?;
+    // XBZRLE is a source-side capability; the destination decodes its pages regardless.
+    if method != Method::Xbzrle {
+        dst.capabilities(&method.capabilities()).map_err(err)?;
+    }
+    dst.parameters(method.parameters()).map_err(err)?;
+    let (incoming, outgoing) = if shim {
+        (
+            format!("unix:{}", dst_sock.display()),
+            format!("unix:{}", src_sock.display()),
+        )
+    } else {
+        let uri = format!("tcp:{}:{PORT}", pair.dst_addr);
+        (uri.clone(), uri)
+    };
+    dst.migrate_incoming(&incoming).map_err(err)?;
+
+    // The shims, each in its host's namespace.
+    let quiet: pagestream_transport::net::Log = Arc::new(|_| {});
+    let mut shims = Vec::new();
+    if shim {
+        let (addr, dst_ns, quiet2) = (pair.dst_addr, pair.dst_ns().to_string(), quiet.clone());
+        let dst_sock = dst_sock.clone();
+        let enter = |ns: &str| -> Result<(), String> {
+            let f =
+                std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(|e| e.to_string())?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: `f` is an open namespace file; setns changes only this thread's namespace.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            Ok(())
+        };
+        shims.push(std::thread::spawn(move || -> Result<(), String> {
+            enter(&dst_ns)?;
+            run_destination(DestinationConfig {
+                listen: format!("{addr}:{PORT}"),
+                qemu: Endpoint::Unix(dst_sock),
+                key: None,
+                allow_remote_without_key: true,
+                compression: pagestream_qemu_shim::link::Compression::Auto,
+                once: true,
+                log: quiet2,
+            })
+            .map(|_| ())
+        }));
+        let (src_ns, src_sock2) = (pair.src_ns().to_string(), src_sock.clone());
+        shims.push(std::thread::spawn(move || -> Result<(), String> {
+            enter(&src_ns)?;
+            run_source(SourceConfig {
+                listen: Endpoint::Unix(src_sock2),
+                to: format!("{addr}:{PORT}"),
+                key: None,
+                compression: pagestream_qemu_shim::link::Compression::Auto,
+                once: true,
+                log: quiet,
+            })
+            .map(|_| ())
+        }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !src_sock.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    let mut src =
+        QemuVm::start(guest, &vm_config("src", (!shim).then(|| pair.src_ns()))).map_err(err)?;
+    // Memory is full once the workload prints its first ticks.
+    src.wait_console("pagestream-workload tick", 3, Duration::from_secs(300))
+        .map_err(err)?;
+    src.capabilities(&method.capabilities()).map_err(err)?;
+    let mut params = method.parameters();
+    params["max-bandwidth"] = json!(100u64 << 30);
+    src.parameters(params).map_err(err)?;
+
+    let tx_before = pair.src_tx_bytes()?;
+    src.migrate(&outgoing).map_err(err)?;
+    let started = Instant::now();
+    let mut info;
+    loop {
+        info = src
+            .qmp
+            .execute("query-migrate", json!({}))
+            .map_err(|e| e.to_string())?;
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            break;
+        }
+        if started.elapsed() > config.time_limit {
+            let _ = src.qmp.execute("migrate_cancel", json!({}));
+            std::thread::sleep(Duration::from_millis(500));
+            info = src
+                .qmp
+                .execute("query-migrate", json!({}))
+                .map_err(|e| e.to_string())?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tx_after = pair.src_tx_bytes()?;
+    let status = info["status"].as_str().unwrap_or("").to_string();
+    let converged = status == "completed";
+    let downtime_ms = if converged {
+        let stop = src.qmp.wait_event("STOP", Duration::from_secs(5)).ok();
+        let resume = dst.qmp.wait_event("RESUME", Duration::from_secs(30)).ok();
+        match (
+            stop.as_ref().and_then(event_time),
+            resume.as_ref().and_then(event_time),
+        ) {
+            (Some(a), Some(b)) => Some((b - a) * 1e3),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    drop(src);
+    drop(dst);
+    for shim in shims {
+        let _ = shim.join();
+    }
+    Ok(MethodResult {
+        method,
+        converged,
+        status,
+        total_s: converged.then(|| info["total-time"].as_f64().unwrap_or(0.0) / 1e3),
+        downtime_ms,
+        qemu_downtime_ms: info["downtime"].as_f64(),
+        wire_bytes: tx_after.saturating_sub(tx_before),
+        qemu_transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Runs every method of `config` in turn, calling `progress` before each.
+pub fn run(
+    workspace: &Path,
+    config: &QemuBenchConfig,
+    mut progress: impl FnMut(&str),
+) -> Result<QemuBenchReport, String> {
+    let guest = Guest::locate(workspace)?;
+    let (tc_rate, bits) = match &config.link {
+        Link::Shaped {
+            tc_rate,
+            bits_per_sec,
+        } => (tc_rate.clone(), *bits_per_sec),
+        Link::Loopback => {
+            return Err("bench qemu needs a link rate (e.g. --link 1gbit): all methods must share one emulated link".into());
+        }
+    };
+    progress("setting up the link");
+    let pair = LinkPair::create(&tc_rate, (bits / 8 / 250).max(64 << 10))?;
+    let dir = std::env::temp_dir().join(format!("ps-bench-qemu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut results = Vec::new();
+    for &method in &config.methods {
+        progress(&format!(
+            "{}: booting two {} MiB guests and migrating",
+            method.name(),
+            config.memory_mib
+        ));
+        results.push(run_method(&guest, &pair, &dir, config, method)?);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let time = |m: Method| {
+        results
+            .iter()
+            .find(|r| r.method == m)
+            .and_then(|r| r.total_s)
+    };
+    let downtime = |m: Method| {
+        results
+            .iter()
+            .find(|r| r.method == m)
+            .and_then(|r| r.downtime_ms)
+    };
+    let best_qemu = results
+        .iter()
+        .filter(|r| r.method != Method::Shim)
+        .filter_map(|r| r.total_s)
+        .fold(None, |best: Option<f64>, t| {
+            Some(best.map_or(t, |b| b.min(t)))
+        });
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    Ok(QemuBenchReport {
+        link: tc_rate,
+        link_mb_s: Some(bits as f64 / 8e6),
+        memory_mib: config.memory_mib,
+        fill_mib: config.fill_mib,
+        dirty_rate: config.dirty_rate,
+        time_limit_s: config.time_limit.as_secs_f64(),
+        shim_vs_native_time: time(Method::Shim)
+            .zip(time(Method::Native))
+            .map(|(s, n)| s / n),
+        shim_vs_best_qemu_time: time(Method::Shim).zip(best_qemu).map(|(s, b)| s / b),
+        shim_vs_native_downtime: downtime(Method::Shim)
+            .zip(downtime(Method::Native))
+            .map(|(s, n)| s / n),
+        results,
+        qemu,
+        machine: crate::machine::describe(),
+    })
+}
