@@ -278,6 +278,11 @@ fn qemu(args: QemuArgs) -> Result<()> {
             r.status
         );
     }
+    for r in &report.results {
+        if let Some(note) = &r.note {
+            println!("{}: {note}", r.method.name());
+        }
+    }
     if let Some(x) = report.shim_vs_native_time {
         print!("\nshim total time {x:.2}x native's");
         if let Some(b) = report.shim_vs_best_qemu_time {

@@ -68,7 +68,7 @@ fn shim(args: &[&str], log: &Path) -> Proc {
     )
 }
 
-fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>) -> QemuVm {
+fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate: u32) -> QemuVm {
     QemuVm::start(
         guest,
         &VmConfig {
@@ -76,7 +76,7 @@ fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>) -> QemuVm {
             dir: dir.to_path_buf(),
             memory_mib: MEMORY_MIB,
             fill_mib: 96,
-            dirty_rate: 2000,
+            dirty_rate,
             incoming: incoming.map(str::to_string),
             paused: incoming.is_some(),
             netns: None,
@@ -111,13 +111,24 @@ struct Setup {
 
 /// Two VMs and two shims, ready to migrate; `caps` set on both VMs.
 fn setup(name: &str, caps: &[(&str, bool)], params: serde_json::Value) -> Setup {
+    setup_with(name, caps, params, &[], 2000)
+}
+
+/// Like [`setup`], with extra arguments for `shim send` and a guest dirty rate.
+fn setup_with(
+    name: &str,
+    caps: &[(&str, bool)],
+    params: serde_json::Value,
+    send_args: &[&str],
+    dirty_rate: u32,
+) -> Setup {
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
     let dir = scratch.0.clone();
     let dst_sock = dir.join("dst.sock");
     let src_sock = dir.join("src.sock");
     let port = free_port();
-    let mut dst = vm(&guest, &dir, "dst", Some("defer"));
+    let mut dst = vm(&guest, &dir, "dst", Some("defer"), dirty_rate);
     dst.capabilities(caps).unwrap();
     dst.parameters(params.clone()).unwrap();
     dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
@@ -133,18 +144,12 @@ fn setup(name: &str, caps: &[(&str, bool)], params: serde_json::Value) -> Setup 
         ],
         &dir.join("recv.log"),
     );
-    let send = shim(
-        &[
-            "send",
-            "--listen",
-            &format!("unix:{}", src_sock.display()),
-            "--to",
-            &format!("127.0.0.1:{port}"),
-            "--once",
-        ],
-        &dir.join("send.log"),
-    );
-    let mut src = vm(&guest, &dir, "src", None);
+    let listen = format!("unix:{}", src_sock.display());
+    let to = format!("127.0.0.1:{port}");
+    let mut args = vec!["send", "--listen", &listen, "--to", &to, "--once"];
+    args.extend_from_slice(send_args);
+    let send = shim(&args, &dir.join("send.log"));
+    let mut src = vm(&guest, &dir, "src", None, dirty_rate);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
     src.capabilities(caps).unwrap();
@@ -245,6 +250,20 @@ fn migrates_with_multifd_through_the_shim() {
 fn migrates_with_the_return_path_through_the_shim() {
     let s = setup("return-path", &[("return-path", true)], json!({}));
     migrate_and_verify(s);
+}
+
+#[test]
+fn migrates_with_zstd_and_a_busy_guest() {
+    for compression in ["zstd", "lz4"] {
+        let s = setup_with(
+            &format!("busy-{compression}"),
+            &[("return-path", true)],
+            json!({}),
+            &["--compression", compression],
+            20000,
+        );
+        migrate_and_verify(s);
+    }
 }
 
 #[test]

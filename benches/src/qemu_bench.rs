@@ -108,6 +108,8 @@ pub struct MethodResult {
     pub wire_bytes: u64,
     /// Bytes QEMU says it transferred.
     pub qemu_transferred: u64,
+    /// Why a figure is missing, if one is.
+    pub note: Option<String>,
 }
 
 /// The result of `pagestream bench qemu`.
@@ -266,15 +268,30 @@ fn run_method(
     let tx_after = pair.src_tx_bytes()?;
     let status = info["status"].as_str().unwrap_or("").to_string();
     let converged = status == "completed";
+    let mut note = None;
     let downtime_ms = if converged {
-        let stop = src.qmp.wait_event("STOP", Duration::from_secs(5)).ok();
-        let resume = dst.qmp.wait_event("RESUME", Duration::from_secs(30)).ok();
-        match (
-            stop.as_ref().and_then(event_time),
-            resume.as_ref().and_then(event_time),
-        ) {
-            (Some(a), Some(b)) => Some((b - a) * 1e3),
-            _ => None,
+        let stop = src.qmp.wait_event("STOP", Duration::from_secs(5));
+        let resume = dst.qmp.wait_event("RESUME", Duration::from_secs(30));
+        match (&stop, &resume) {
+            (Ok(stop), Ok(resume)) => event_time(stop)
+                .zip(event_time(resume))
+                .map(|(a, b)| (b - a) * 1e3),
+            _ => {
+                let seen = |e: &Result<Value, pagestream_qemu_shim::qmp::QmpError>| match e {
+                    Ok(_) => "seen".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let console = dst.console_text();
+                let tail: Vec<&str> = console.lines().rev().take(3).collect();
+                note = Some(format!(
+                    "downtime not measured: source STOP {}, destination RESUME {} (destination alive: {}; its console ends: {})",
+                    seen(&stop),
+                    seen(&resume),
+                    dst.alive(),
+                    tail.join(" | ")
+                ));
+                None
+            }
         }
     } else {
         None
@@ -293,6 +310,7 @@ fn run_method(
         qemu_downtime_ms: info["downtime"].as_f64(),
         wire_bytes: tx_after.saturating_sub(tx_before),
         qemu_transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        note,
     })
 }
 
