@@ -12,13 +12,19 @@
 //!
 //!  frames, both directions, until each side sends its end marker:
 //!    u32 header: bit 31 = LZ4 block, bit 30 = zstd stream, bits 0..=29 = payload length;
-//!                0 = end of this direction
+//!                0 = end of this direction, followed by u64 stream length | u64 XXH3-64 of the
+//!                    stream: the receiver checks both against what it handed its QEMU
 //!    compressed payload: u32 original length | LZ4 block, or | zstd stream data
 //!
 //!  The zstd frames of one direction form one zstd stream, flushed at the end of every frame:
 //!  the receiver decodes each frame as it arrives, the compressor keeps its history across
 //!  frames. LZ4 and raw frames do not pass through it, on either end.
 //! ```
+//!
+//! The end marker's digest verifies each direction end to end: the bytes one QEMU wrote are the
+//! bytes the other QEMU read, whatever compression, framing or the link did in between. LZ4
+//! blocks carry no checksum and TCP's is 16 bits; without it a corrupted page would reach the
+//! guest silently.
 //!
 //! The destination proves it knows the key before the source sends anything of the VM's; the
 //! source then proves it, so neither end feeds memory to, or accepts memory from, a stranger.
@@ -29,11 +35,12 @@ use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use xxhash_rust::xxh3::Xxh3;
 
 /// Magic of the shim link.
 pub const LINK_MAGIC: [u8; 4] = *b"PSSH";
 /// Link protocol version.
-pub const LINK_VERSION: u16 = 1;
+pub const LINK_VERSION: u16 = 2;
 /// Largest chunk of a QEMU stream in one frame.
 pub const MAX_CHUNK: usize = 256 << 10;
 /// Largest frame payload accepted (a compressed chunk can be a little larger than the chunk).
@@ -320,6 +327,33 @@ pub struct Moved {
     pub wire: u64,
 }
 
+/// How [`from_link`] ended: what moved, and the stream's verified digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes moved.
+    pub moved: Moved,
+    /// XXH3-64 of the stream, equal on both ends.
+    pub digest: u64,
+}
+
+/// A writer that hashes exactly the bytes its inner writer accepted.
+struct Hashing<'a, W> {
+    inner: &'a mut W,
+    digest: Xxh3,
+}
+
+impl<W: Write> Write for Hashing<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.digest.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Copies a QEMU stream into link frames until it ends, then sends the end marker. Chunks are
 /// forwarded as soon as they are read (QEMU's device state and return-path messages must not
 /// wait for more data), compressed when that makes them smaller. `on_frame(raw, wire)` is called
@@ -352,6 +386,7 @@ pub fn to_link(
     let mut credit = 0;
     let (mut waited, mut busy, mut chunks) = (Duration::ZERO, Duration::ZERO, 0);
     let mut moved = Moved::default();
+    let mut digest = Xxh3::new();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break,
@@ -361,6 +396,7 @@ pub fn to_link(
         };
         let chunk = &buf[..n];
         let started = Instant::now();
+        digest.update(chunk);
         credit += zstd_quarters;
         let use_zstd = credit >= 4;
         if use_zstd {
@@ -413,9 +449,12 @@ pub fn to_link(
             (waited, busy, chunks) = (Duration::ZERO, Duration::ZERO, 0);
         }
     }
-    link.write_all(&0u32.to_le_bytes())?;
+    let mut end = [0u8; 20];
+    end[4..12].copy_from_slice(&moved.raw.to_le_bytes());
+    end[12..].copy_from_slice(&digest.digest().to_le_bytes());
+    link.write_all(&end)?;
     link.flush()?;
-    moved.wire += 4;
+    moved.wire += end.len() as u64;
     Ok(moved)
 }
 
@@ -424,13 +463,18 @@ fn invalid(what: impl Into<String>) -> io::Error {
 }
 
 /// Copies link frames into a QEMU stream until the end marker, calling `on_frame(raw, wire)`
-/// for each. Returns `Ok` only for a stream that ended with its marker: a link that breaks is an
-/// error.
+/// for each. Returns `Ok` only for a stream that ended with its marker and whose length and
+/// digest match what the sender read from its QEMU: a link that breaks, or a stream that
+/// arrived different, is an error.
 pub fn from_link(
     link: &mut impl Read,
     to: &mut impl Write,
     mut on_frame: impl FnMut(u64, u64),
-) -> io::Result<Moved> {
+) -> io::Result<Received> {
+    let mut to = Hashing {
+        inner: to,
+        digest: Xxh3::new(),
+    };
     let mut payload = vec![0u8; MAX_FRAME];
     let mut plain = vec![0u8; MAX_CHUNK];
     let mut zstd_stream: Option<zstd::stream::raw::Decoder<'static>> = None;
@@ -448,7 +492,19 @@ pub fn from_link(
         };
         moved.wire += 4;
         if header == 0 {
-            return Ok(moved);
+            let end = read_array::<16>(link)?;
+            moved.wire += 16;
+            let length = u64::from_le_bytes(end[..8].try_into().expect("8 bytes"));
+            let expected = u64::from_le_bytes(end[8..].try_into().expect("8 bytes"));
+            let got = to.digest.digest();
+            if length != moved.raw || expected != got {
+                return Err(invalid(format!(
+                    "the stream arrived corrupted: the source shim read {length} bytes from its \
+                     QEMU (XXH3 {expected:016x}), this shim delivered {} (XXH3 {got:016x})",
+                    moved.raw
+                )));
+            }
+            return Ok(Received { moved, digest: got });
         }
         let len = (header & LENGTH) as usize;
         if len > MAX_FRAME {
@@ -474,7 +530,7 @@ pub fn from_link(
                     Some(d) => d,
                     None => zstd_stream.insert(zstd::stream::raw::Decoder::new()?),
                 };
-                let produced = zstd_decompress(decoder, &payload[4..len], &mut plain, to)?;
+                let produced = zstd_decompress(decoder, &payload[4..len], &mut plain, &mut to)?;
                 if produced != raw {
                     return Err(invalid(format!(
                         "zstd frame decoded to {produced} bytes, announced {raw}"
@@ -602,11 +658,33 @@ mod tests {
             let mut out = Vec::new();
             let back = from_link(&mut &link[..], &mut out, |_, _| {}).unwrap();
             assert!(out == data, "{compression:?}: stream differs");
-            assert_eq!(back.raw, moved.raw);
+            assert_eq!(back.moved.raw, moved.raw);
+            assert_eq!(back.digest, xxhash_rust::xxh3::xxh3_64(&data));
             // A link cut short is an error, never a clean end.
             let mut out = Vec::new();
             assert!(from_link(&mut &link[..link.len() - 10], &mut out, |_, _| {}).is_err());
         }
+    }
+
+    #[test]
+    fn a_stream_changed_on_the_way_is_refused() {
+        let data = b"QEVM and a few bytes of device state".to_vec();
+        let mut link = Vec::new();
+        to_link(&mut &data[..], &mut link, Compression::Lz4, |_, _| {}).unwrap();
+        // A short chunk travels raw: its bytes follow the 4-byte header.
+        let mut flipped = link.clone();
+        flipped[4 + 7] ^= 0x20;
+        let err = from_link(&mut &flipped[..], &mut Vec::new(), |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("arrived corrupted"), "{err}");
+        // A frame that went missing, end marker intact.
+        let mut dropped = Vec::new();
+        dropped.extend_from_slice(&link[4 + data.len()..]);
+        let err = from_link(&mut &dropped[..], &mut Vec::new(), |_, _| {}).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("read {} bytes", data.len())),
+            "{err}"
+        );
     }
 
     /// A reader that hands out at most `n` bytes per read.

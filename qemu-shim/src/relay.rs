@@ -139,6 +139,9 @@ pub struct Summary {
     pub forward: Moved,
     /// Return path: bytes QEMU wrote back, and bytes on the link.
     pub back: Moved,
+    /// Streams this shim received whose length and digest matched the sender's: one per QEMU
+    /// connection when all went well.
+    pub verified: u32,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -165,6 +168,10 @@ impl Summary {
             self.forward.raw as f64 / secs / 1e6,
             self.back.raw,
         );
+        text.push_str(&format!(
+            "\n  {} of {} incoming stream(s) verified end to end (length and XXH3-64)",
+            self.verified, self.connections
+        ));
         if let Some(e) = &self.error {
             text.push_str(&format!("\n  error: {e}"));
         }
@@ -184,6 +191,7 @@ struct Session {
     back_raw: AtomicU64,
     back_wire: AtomicU64,
     connections: AtomicU64,
+    verified: AtomicU64,
     /// Connections carried and not yet finished.
     open: Mutex<u32>,
     /// The main channel is connected (destination: to QEMU).
@@ -205,6 +213,7 @@ impl Session {
             back_raw: AtomicU64::new(0),
             back_wire: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            verified: AtomicU64::new(0),
             open: Mutex::new(0),
             main_ready: Mutex::new(false),
             changed: Condvar::new(),
@@ -253,6 +262,7 @@ impl Session {
                 raw: self.back_raw.load(Ordering::Relaxed),
                 wire: self.back_wire.load(Ordering::Relaxed),
             },
+            verified: self.verified.load(Ordering::Relaxed) as u32,
             error: self.error.lock().expect("not poisoned").clone(),
         }
     }
@@ -350,6 +360,7 @@ fn relay(
                 session.fail(why.clone());
                 why
             })?;
+            session.verified.fetch_add(1, Ordering::Relaxed);
             // The other side is done sending: pass the end on to QEMU.
             qemu_out.shutdown(Shutdown::Write);
             Ok(())

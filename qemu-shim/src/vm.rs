@@ -42,6 +42,24 @@ impl Guest {
     }
 }
 
+/// Guest RAM added beyond [`VmConfig::memory_mib`] so that QEMU 7.2 tracks every TCG write
+/// during a live migration.
+///
+/// QEMU 7.2's dirty-bitmap sync has a fast path for RAM blocks whose size is a multiple of 64
+/// pages. It clears the migration dirty bits without resetting the TCG TLB's not-dirty flags,
+/// so writes through TLB entries cached before the sync are never marked, and a live migration
+/// leaves stale pages on the destination (a busy guest often panics there). Upstream fixed it
+/// in QEMU 9.0 (commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG
+/// memory access"); Debian 12 ships 7.2. With 8 KiB more RAM the block's size misses the
+/// alignment and the sync takes its per-page path, which does reset the flags: QEMU's own
+/// migration then ends bit-identical (qemu-shim/tests/native.rs).
+pub const TCG_TRACKING_PAD: u64 = 8 << 10;
+
+/// Bytes of guest RAM a VM started with `memory_mib` has.
+pub fn ram_bytes(memory_mib: u32) -> u64 {
+    (u64::from(memory_mib) << 20) + TCG_TRACKING_PAD
+}
+
 /// How to run one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -49,7 +67,7 @@ pub struct VmConfig {
     pub name: String,
     /// Directory for the QMP socket and the console log.
     pub dir: PathBuf,
-    /// Guest memory.
+    /// Guest memory ([`TCG_TRACKING_PAD`] is added to it).
     pub memory_mib: u32,
     /// Memory the workload fills.
     pub fill_mib: u32,
@@ -114,7 +132,7 @@ impl QemuVm {
             "-nographic",
             "-no-reboot",
         ])
-        .args(["-m", &config.memory_mib.to_string()])
+        .args(["-m", &format!("{}k", ram_bytes(config.memory_mib) >> 10)])
         .arg("-kernel")
         .arg(&guest.kernel)
         .arg("-initrd")
