@@ -360,7 +360,7 @@ impl<W: Write> Write for Hashing<'_, W> {
 /// for every frame sent.
 ///
 /// With [`Compression::Auto`] the share of chunks compressed with zstd follows the bottleneck:
-/// every [`CHOICE_WINDOW`] chunks it grows by a quarter when writes to the link blocked for more
+/// every `CHOICE_WINDOW` (16) chunks it grows by a quarter when writes to the link blocked for more
 /// than 30% of the time (the link is slower than compression, zstd's tighter output pays), and
 /// shrinks by a quarter under 10% (compression is the limit, LZ4's speed pays). zstd costs
 /// several times LZ4's CPU, so on a machine that also runs the VMs the best mix is often neither
