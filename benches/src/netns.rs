@@ -70,6 +70,11 @@ impl LinkPair {
                     .into(),
             );
         }
+        if rate.is_empty() || rate.contains(char::is_whitespace) {
+            return Err(format!(
+                "{rate:?} is not a link rate (write it like 1gbit or 100mbit)"
+            ));
+        }
         remove_stale();
         let pid = std::process::id();
         let subnet = (pid % 250) as u8 + 1;
@@ -81,132 +86,26 @@ impl LinkPair {
         };
         // From here on, Drop removes whatever was created, even if a step below fails.
         let (src_if, dst_if) = (format!("psb{pid}s"), format!("psb{pid}d"));
-        let burst = format!("{burst_bytes}b");
-        let steps: Vec<Vec<String>> = vec![
-            vec![
-                "ip".into(),
-                "netns".into(),
-                "add".into(),
-                pair.src_ns.clone(),
-            ],
-            vec![
-                "ip".into(),
-                "netns".into(),
-                "add".into(),
-                pair.dst_ns.clone(),
-            ],
-            vec![
-                "ip".into(),
-                "link".into(),
-                "add".into(),
-                src_if.clone(),
-                "netns".into(),
-                pair.src_ns.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                dst_if.clone(),
-                "netns".into(),
-                pair.dst_ns.clone(),
-            ],
-            vec![
-                "ip".into(),
-                "-n".into(),
-                pair.src_ns.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{}/24", pair.src_addr),
-                "dev".into(),
-                src_if.clone(),
-            ],
-            vec![
-                "ip".into(),
-                "-n".into(),
-                pair.dst_ns.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{}/24", pair.dst_addr),
-                "dev".into(),
-                dst_if.clone(),
-            ],
-            vec![
-                "ip".into(),
-                "-n".into(),
-                pair.src_ns.clone(),
-                "link".into(),
-                "set".into(),
-                src_if.clone(),
-                "up".into(),
-            ],
-            vec![
-                "ip".into(),
-                "-n".into(),
-                pair.dst_ns.clone(),
-                "link".into(),
-                "set".into(),
-                dst_if.clone(),
-                "up".into(),
-            ],
-            vec![
-                "ip".into(),
-                "-n".into(),
-                pair.src_ns.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "ip".into(),
-                "-n".into(),
-                pair.dst_ns.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "ip".into(),
-                "netns".into(),
-                "exec".into(),
-                pair.src_ns.clone(),
-                "tc".into(),
-                "qdisc".into(),
-                "add".into(),
-                "dev".into(),
-                src_if,
-                "root".into(),
-                "tbf".into(),
-                "rate".into(),
-                rate.into(),
-                "burst".into(),
-                burst.clone(),
-                "latency".into(),
-                "10ms".into(),
-            ],
-            vec![
-                "ip".into(),
-                "netns".into(),
-                "exec".into(),
-                pair.dst_ns.clone(),
-                "tc".into(),
-                "qdisc".into(),
-                "add".into(),
-                "dev".into(),
-                dst_if,
-                "root".into(),
-                "tbf".into(),
-                "rate".into(),
-                rate.into(),
-                "burst".into(),
-                burst,
-                "latency".into(),
-                "10ms".into(),
-            ],
+        let (s, d) = (&pair.src_ns, &pair.dst_ns);
+        let (src_addr, dst_addr) = (pair.src_addr, pair.dst_addr);
+        let tbf = format!("root tbf rate {rate} burst {burst_bytes}b latency 10ms");
+        // Every argument is free of whitespace (names generated above, a checked rate), so each
+        // step can be written as one line.
+        let steps = [
+            format!("ip netns add {s}"),
+            format!("ip netns add {d}"),
+            format!("ip link add {src_if} netns {s} type veth peer name {dst_if} netns {d}"),
+            format!("ip -n {s} addr add {src_addr}/24 dev {src_if}"),
+            format!("ip -n {d} addr add {dst_addr}/24 dev {dst_if}"),
+            format!("ip -n {s} link set {src_if} up"),
+            format!("ip -n {d} link set {dst_if} up"),
+            format!("ip -n {s} link set lo up"),
+            format!("ip -n {d} link set lo up"),
+            format!("ip netns exec {s} tc qdisc add dev {src_if} {tbf}"),
+            format!("ip netns exec {d} tc qdisc add dev {dst_if} {tbf}"),
         ];
         for step in &steps {
-            let args: Vec<&str> = step.iter().map(String::as_str).collect();
+            let args: Vec<&str> = step.split_whitespace().collect();
             run(&args)?;
         }
         Ok(pair)
