@@ -81,16 +81,18 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked || fail "car
 step "benchmarks compile"
 cargo bench --workspace --no-run --locked || fail "benchmarks do not build"
 
-step "fuzz target: build, then run over its corpus and beyond for a while"
+step "fuzz targets: build, then run each over its corpus and beyond for a while"
 (
     cd fuzz
     # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
     export RUSTC_BOOTSTRAP=1
-    cargo fuzz build frame_decoder || fail "fuzz target does not build"
-    mkdir -p target/corpus-run
-    cargo fuzz run frame_decoder target/corpus-run corpus/frame_decoder -- \
-        -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=2048 \
-        || fail "the fuzzer found a crash (see fuzz/artifacts)"
+    for target in frame_decoder qemu_stream; do
+        cargo fuzz build "$target" || fail "fuzz target $target does not build"
+        mkdir -p "target/corpus-run/$target"
+        cargo fuzz run "$target" "target/corpus-run/$target" "corpus/$target" -- \
+            -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 \
+            || fail "the fuzzer found a crash in $target (see fuzz/artifacts)"
+    done
 )
 
 step "all checks passed"

@@ -7,4 +7,5 @@
 pub mod link;
 pub mod qmp;
 pub mod relay;
+pub mod stream;
 pub mod vm;
