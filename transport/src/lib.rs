@@ -26,7 +26,10 @@ pub mod tcp;
 pub mod uring;
 
 pub use error::TransportError;
-pub use net::{Acceptor, Connector, TcpAcceptor, TcpBackend, TcpConnector, memory_network};
+pub use net::{
+    Acceptor, Connector, StreamAcceptor, StreamSetup, TcpAcceptor, TcpBackend, TcpConnector,
+    memory_network,
+};
 pub use receiver::{PendingSession, ReceiveSummary, ReceiverConfig, ReceiverEvent, accept};
 pub use sender::{Compression, SendSummary, Sender, SenderConfig, default_channels};
 pub use stats::{SessionStats, StatsSnapshot};

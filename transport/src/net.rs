@@ -25,6 +25,11 @@ pub type Killer = Arc<dyn Fn() + Send + Sync>;
 /// Where log lines go.
 pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Runs on every TCP connection of a session before the transport speaks on it: on the source
+/// right after connecting. An embedding application authenticates its connections here (the
+/// QEMU shim runs its keyed handshake); an error abandons the connection and the session.
+pub type StreamSetup = Arc<dyn Fn(&mut TcpStream) -> io::Result<()> + Send + Sync>;
+
 /// A log that prints to standard error.
 pub fn stderr_log() -> Log {
     Arc::new(|line| eprintln!("pagestream: {line}"))
@@ -146,12 +151,22 @@ fn control_conn(stream: TcpStream, timeout: Duration) -> io::Result<ControlConn>
 }
 
 /// Connects to a destination over TCP.
-#[derive(Debug)]
 pub struct TcpConnector {
     addr: SocketAddr,
     backend: TcpBackend,
     writer_queue: usize,
     connect_timeout: Duration,
+    setup: Option<StreamSetup>,
+}
+
+impl std::fmt::Debug for TcpConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConnector")
+            .field("addr", &self.addr)
+            .field("backend", &self.backend)
+            .field("setup", &self.setup.is_some())
+            .finish()
+    }
 }
 
 impl TcpConnector {
@@ -162,16 +177,31 @@ impl TcpConnector {
             backend,
             writer_queue: DEFAULT_WRITER_QUEUE,
             connect_timeout,
+            setup: None,
         }
     }
 
+    /// Runs `setup` on every connection right after it is made.
+    pub fn with_setup(mut self, setup: StreamSetup) -> Self {
+        self.setup = Some(setup);
+        self
+    }
+
     fn connect(&self, what: &str) -> Result<TcpStream, TransportError> {
-        TcpStream::connect_timeout(&self.addr, self.connect_timeout).map_err(|source| {
-            TransportError::Connect {
-                what: format!("cannot open the {what} to {}", self.addr),
+        let mut stream =
+            TcpStream::connect_timeout(&self.addr, self.connect_timeout).map_err(|source| {
+                TransportError::Connect {
+                    what: format!("cannot open the {what} to {}", self.addr),
+                    source,
+                }
+            })?;
+        if let Some(setup) = &self.setup {
+            setup(&mut stream).map_err(|source| TransportError::Connect {
+                what: format!("cannot set up the {what} to {}", self.addr),
                 source,
-            }
-        })
+            })?;
+        }
+        Ok(stream)
     }
 }
 
@@ -278,55 +308,61 @@ impl TcpAcceptor {
         }
         Ok(n > 0)
     }
+}
 
-    /// Reads exactly one message from a fresh connection, without reading past it.
-    fn first_message(stream: &mut TcpStream) -> Result<Message, String> {
-        let mut reader = MessageReader::new();
-        loop {
-            let need = reader.needed().map_err(|e| e.to_string())?;
-            if need == 0 {
-                break;
-            }
-            let mut buf = vec![0u8; need];
-            stream
-                .read_exact(&mut buf)
-                .map_err(|e| format!("no complete first message ({e})"))?;
-            reader.feed(&buf);
+/// Reads exactly one message from a fresh connection, without reading past it.
+fn first_message(stream: &mut TcpStream) -> Result<Message, String> {
+    let mut reader = MessageReader::new();
+    loop {
+        let need = reader.needed().map_err(|e| e.to_string())?;
+        if need == 0 {
+            break;
         }
-        reader
-            .next_message()
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "no first message".to_string())
-    }
-
-    fn classify(&self, mut stream: TcpStream, timeout: Duration) -> Result<Incoming, String> {
+        let mut buf = vec![0u8; need];
         stream
-            .set_read_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        match Self::first_message(&mut stream)? {
-            message @ Message::Hello(_) => {
-                let conn = control_conn(stream, timeout).map_err(|e| e.to_string())?;
-                Ok(Incoming::Control(conn, message))
-            }
-            Message::Join(join) => {
-                // Data reads block until the peer sends or the session shuts the socket down.
-                stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-                let killer = socket_killer(&stream).map_err(|e| e.to_string())?;
-                let reader: Box<dyn FrameReader> = match self.backend {
-                    TcpBackend::Uring => Box::new(
-                        UringFrameReader::new(stream, DEFAULT_READER_BUFFER, self.max_frame_body)
-                            .map_err(|e| format!("cannot create an io_uring: {e}"))?,
-                    ),
-                    TcpBackend::Blocking => Box::new(TcpFrameReader::new(
-                        stream,
-                        DEFAULT_READER_BUFFER,
-                        self.max_frame_body,
-                    )),
-                };
-                Ok(Incoming::Data(join, reader, killer))
-            }
-            other => Err(format!("unexpected first message {}", other.name())),
+            .read_exact(&mut buf)
+            .map_err(|e| format!("no complete first message ({e})"))?;
+        reader.feed(&buf);
+    }
+    reader
+        .next_message()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "no first message".to_string())
+}
+
+/// Tells a fresh destination-side connection's role from its first message and sets it up.
+fn classify_tcp(
+    mut stream: TcpStream,
+    timeout: Duration,
+    backend: TcpBackend,
+    max_frame_body: u32,
+) -> Result<Incoming, String> {
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    match first_message(&mut stream)? {
+        message @ Message::Hello(_) => {
+            let conn = control_conn(stream, timeout).map_err(|e| e.to_string())?;
+            Ok(Incoming::Control(conn, message))
         }
+        Message::Join(join) => {
+            // Data reads block until the peer sends or the session shuts the socket down.
+            stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+            let killer = socket_killer(&stream).map_err(|e| e.to_string())?;
+            let reader: Box<dyn FrameReader> = match backend {
+                TcpBackend::Uring => Box::new(
+                    UringFrameReader::new(stream, DEFAULT_READER_BUFFER, max_frame_body)
+                        .map_err(|e| format!("cannot create an io_uring: {e}"))?,
+                ),
+                TcpBackend::Blocking => Box::new(TcpFrameReader::new(
+                    stream,
+                    DEFAULT_READER_BUFFER,
+                    max_frame_body,
+                )),
+            };
+            Ok(Incoming::Data(join, reader, killer))
+        }
+        other => Err(format!("unexpected first message {}", other.name())),
     }
 }
 
@@ -359,9 +395,80 @@ impl Acceptor for TcpAcceptor {
                     });
                 }
             };
-            match self.classify(stream, timeout) {
+            match classify_tcp(stream, timeout, self.backend, self.max_frame_body) {
                 Ok(incoming) => return Ok(incoming),
                 Err(why) => (self.log)(&format!("ignored a connection from {peer}: {why}")),
+            }
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        self.backend.name()
+    }
+}
+
+/// Accepts sessions from TCP connections that the embedding application accepted (and
+/// authenticated) itself, handed over through a channel: for an application that serves
+/// several kinds of connection on one listening port.
+pub struct StreamAcceptor {
+    streams: Receiver<TcpStream>,
+    backend: TcpBackend,
+    max_frame_body: u32,
+    log: Log,
+}
+
+impl std::fmt::Debug for StreamAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamAcceptor")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl StreamAcceptor {
+    /// An acceptor of the connections sent through `streams`.
+    pub fn new(
+        streams: Receiver<TcpStream>,
+        backend: TcpBackend,
+        max_frame_body: u32,
+        log: Log,
+    ) -> Self {
+        Self {
+            streams,
+            backend,
+            max_frame_body,
+            log,
+        }
+    }
+}
+
+impl Acceptor for StreamAcceptor {
+    fn accept(&mut self, timeout: Duration) -> Result<Incoming, TransportError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let stream = match self.streams.recv_timeout(left) {
+                Ok(stream) => stream,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(TransportError::Timeout {
+                        what: "waiting for a connection",
+                        after: timeout,
+                    });
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(TransportError::Connect {
+                        what: "no more connections will come".into(),
+                        source: io::Error::from(io::ErrorKind::NotConnected),
+                    });
+                }
+            };
+            let peer = stream.peer_addr().ok();
+            match classify_tcp(stream, timeout, self.backend, self.max_frame_body) {
+                Ok(incoming) => return Ok(incoming),
+                Err(why) => (self.log)(&format!(
+                    "ignored a connection from {}: {why}",
+                    peer.map_or("a peer".into(), |p| p.to_string())
+                )),
             }
         }
     }

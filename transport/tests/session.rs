@@ -571,3 +571,45 @@ impl Connector for SlowConnector {
         self.0.backend()
     }
 }
+
+#[test]
+fn connections_set_up_by_the_application_carry_a_session() {
+    // The application authenticates every connection itself (here: a token) before the
+    // transport speaks on it, and hands the accepted ones to a StreamAcceptor.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (streams_tx, streams_rx) = crossbeam_channel::unbounded();
+    let gate = thread::spawn(move || {
+        let mut accepted = 0;
+        while accepted < 3 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut token = [0u8; 4];
+            if std::io::Read::read_exact(&mut stream, &mut token).is_ok() && &token == b"AUTH" {
+                streams_tx.send(stream).unwrap();
+                accepted += 1;
+            }
+        }
+    });
+    // A stranger without the token never reaches the transport.
+    let mut stranger = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut stranger, b"NOPE").unwrap();
+    let setup: pagestream_transport::net::StreamSetup =
+        Arc::new(|stream| std::io::Write::write_all(stream, b"AUTH"));
+    let connector =
+        TcpConnector::new(addr, TcpBackend::Uring, Duration::from_secs(5)).with_setup(setup);
+    let acceptor = pagestream_transport::net::StreamAcceptor::new(
+        streams_rx,
+        TcpBackend::Uring,
+        pagestream_transport::channel::DEFAULT_MAX_FRAME_BODY,
+        quiet(),
+    );
+    let (s, r) = configs(2);
+    assert_migrated(&migrate(
+        Box::new(connector),
+        Box::new(acceptor),
+        s,
+        r,
+        None,
+    ));
+    gate.join().unwrap();
+}
