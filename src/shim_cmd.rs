@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use pagestream_qemu_shim::link::{Compression, Key};
 use pagestream_qemu_shim::relay::{
-    DestinationConfig, Endpoint, SourceConfig, run_destination, run_source,
+    DestinationConfig, Endpoint, Mode, SourceConfig, run_destination, run_source,
 };
 use pagestream_transport::net::stderr_log;
 
@@ -29,10 +29,17 @@ pub struct SendArgs {
     /// Pre-shared key (at least 16 bytes), the same file on both hosts.
     #[arg(long)]
     key_file: Option<PathBuf>,
-    /// Compression of the stream: auto (zstd while the link is the bottleneck, LZ4 otherwise),
-    /// lz4 or zstd.
+    /// Compression of what is carried opaque: auto (zstd while the link is the bottleneck, LZ4
+    /// otherwise), lz4 or zstd.
     #[arg(long, default_value = "auto")]
     compression: String,
+    /// auto: the main channel in parsing mode (RAM pages through the page codec and several
+    /// channels) whenever its stream can be parsed, opaque otherwise; opaque: always as bytes.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// Data channels of parsing mode (default: one per CPU, 2 to 8).
+    #[arg(long)]
+    channels: Option<u16>,
     /// Exit after one migration.
     #[arg(long)]
     once: bool,
@@ -84,6 +91,16 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                 to: args.to,
                 key: key(&args.key_file)?,
                 compression: compression(&args.compression)?,
+                mode: match args.mode.as_str() {
+                    "auto" => Mode::Auto,
+                    "opaque" => Mode::Opaque,
+                    other => bail!("--mode must be auto or opaque, not '{other}'"),
+                },
+                channels: match args.channels {
+                    Some(n @ 1..=64) => n,
+                    Some(n) => bail!("--channels must be between 1 and 64, not {n}"),
+                    None => pagestream_transport::default_channels(),
+                },
                 once: args.once,
                 log: stderr_log(),
             })

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use pagestream_qemu_shim::qmp::event_time;
 use pagestream_qemu_shim::relay::{
-    DestinationConfig, Endpoint, SourceConfig, run_destination, run_source,
+    DestinationConfig, Endpoint, Mode, SourceConfig, run_destination, run_source,
 };
 use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig};
 use serde::Serialize;
@@ -33,17 +33,21 @@ pub enum Method {
     MultifdZstd,
     /// QEMU with XBZRLE (64 MiB cache).
     Xbzrle,
-    /// QEMU to the source shim, shim to shim over the link, to the destination QEMU.
+    /// QEMU to the source shim, shim to shim over the link, to the destination QEMU: parsing
+    /// mode (RAM pages through the page codec and the multi-channel transport).
     Shim,
+    /// The same with the shims in opaque mode (the stream carried as compressed bytes).
+    ShimOpaque,
 }
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 5] = [
         Method::Native,
         Method::MultifdZstd,
         Method::Xbzrle,
         Method::Shim,
+        Method::ShimOpaque,
     ];
 
     /// Its name on the command line and in reports.
@@ -53,14 +57,20 @@ impl Method {
             Method::MultifdZstd => "multifd-zstd",
             Method::Xbzrle => "xbzrle",
             Method::Shim => "shim",
+            Method::ShimOpaque => "shim-opaque",
         }
+    }
+
+    /// Whether it goes through the shims.
+    pub fn is_shim(self) -> bool {
+        matches!(self, Method::Shim | Method::ShimOpaque)
     }
 
     fn capabilities(self) -> Vec<(&'static str, bool)> {
         match self {
             Method::MultifdZstd => vec![("multifd", true)],
             Method::Xbzrle => vec![("xbzrle", true)],
-            Method::Native | Method::Shim => vec![],
+            Method::Native | Method::Shim | Method::ShimOpaque => vec![],
         }
     }
 
@@ -151,7 +161,7 @@ fn run_method(
     method: Method,
 ) -> Result<MethodResult, String> {
     let err = |e: pagestream_qemu_shim::vm::VmError| e.to_string();
-    let shim = method == Method::Shim;
+    let shim = method.is_shim();
     let dst_sock = dir.join(format!("{}-dst.sock", method.name()));
     let src_sock = dir.join(format!("{}-src.sock", method.name()));
     let vm_config = |name: &str, netns: Option<&str>| VmConfig {
@@ -220,6 +230,12 @@ fn run_method(
                 to: format!("{addr}:{PORT}"),
                 key: None,
                 compression: pagestream_qemu_shim::link::Compression::Auto,
+                mode: if method == Method::ShimOpaque {
+                    Mode::Opaque
+                } else {
+                    Mode::Auto
+                },
+                channels: pagestream_transport::default_channels(),
                 once: true,
                 log: quiet,
             })
@@ -358,7 +374,7 @@ pub fn run(
     };
     let best_qemu = results
         .iter()
-        .filter(|r| r.method != Method::Shim)
+        .filter(|r| !r.method.is_shim())
         .filter_map(|r| r.total_s)
         .fold(None, |best: Option<f64>, t| {
             Some(best.map_or(t, |b| b.min(t)))

@@ -29,8 +29,13 @@ fuzz_target!(|data: &[u8]| {
     };
     for chunk in stream.chunks(piece) {
         held.extend_from_slice(chunk);
-        let n = parser.parse(&held, &mut emit);
-        held.drain(..n);
+        loop {
+            let n = parser.parse(&held, &mut emit);
+            held.drain(..n);
+            if n == 0 {
+                break;
+            }
+        }
     }
     parser.finish(&held, &mut emit);
     assert_eq!(accounted, stream.len());

@@ -7,7 +7,9 @@
 //!                  status 0: no key, 1: keyed (mac_s = HMAC(key, "pagestream-shim dest" | nonce_c | nonce_s)),
 //!                  2: refused, followed by u16 length and the reason
 //!  source → dest   mac_c[32] (HMAC(key, "pagestream-shim source" | nonce_s | nonce_c), zeros without key)
-//!                  | session[16] | u8 kind (1 main, 2 multifd) | u8 multifd channel id
+//!                  | session[16] | u8 kind | u8 multifd channel id
+//!                  kind 1: QEMU's main channel, 2: a multifd channel (both carried opaque);
+//!                  3: a page-transport connection of parsing mode, 4: its return path
 //!  dest → source   u8 status (0 accepted, 2 refused + u16 length + reason)
 //!
 //!  frames, both directions, until each side sends its end marker:
@@ -71,6 +73,11 @@ pub enum StreamKind {
     Main,
     /// A multifd channel, by its channel id.
     Multifd(u8),
+    /// Parsing mode: a connection of the page transport (control or data channel) carrying the
+    /// main channel's pages and the rest of its stream.
+    Pages,
+    /// Parsing mode: the main channel's return path, from the destination QEMU back.
+    ReturnPath,
 }
 
 /// What a link is for.
@@ -229,6 +236,8 @@ pub fn connect_handshake(
     match header.kind {
         StreamKind::Main => rest.extend_from_slice(&[1, 0]),
         StreamKind::Multifd(id) => rest.extend_from_slice(&[2, id]),
+        StreamKind::Pages => rest.extend_from_slice(&[3, 0]),
+        StreamKind::ReturnPath => rest.extend_from_slice(&[4, 0]),
     }
     stream.write_all(&rest)?;
     stream.flush()?;
@@ -306,6 +315,8 @@ pub fn accept_handshake(
     let kind = match kind {
         [1, _] => StreamKind::Main,
         [2, id] => StreamKind::Multifd(id),
+        [3, _] => StreamKind::Pages,
+        [4, _] => StreamKind::ReturnPath,
         other => {
             refuse(stream, "unknown stream kind")?;
             return Err(LinkError::Protocol(format!(

@@ -1,5 +1,8 @@
-//! Opaque mode: every QEMU connection carried to the other host as an ordered byte stream,
-//! LZ4-compressed in chunks, with its return direction carried back.
+//! The shims' sessions, and opaque mode: every QEMU connection carried to the other host as an
+//! ordered byte stream, compressed in chunks, with its return direction carried back.
+//!
+//! With `--mode auto` (the default) the main channel goes through parsing mode instead
+//! (`parsed.rs`) whenever its stream can be parsed; multifd channels are always carried opaque.
 //!
 //! The source shim listens where QEMU migrates to. It tells QEMU's connections apart by their
 //! first bytes (the main channel starts with `QEVM`, a multifd channel with its own magic and
@@ -20,7 +23,10 @@ use std::time::{Duration, Instant};
 
 use pagestream_transport::net::Log;
 
+use pagecodec::{ClassCounts, PageClass};
+
 use crate::link::{self, Compression, Key, LinkHeader, Moved, StreamKind};
+use crate::parsed;
 
 /// A QEMU-side endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,20 +67,20 @@ impl std::fmt::Display for Endpoint {
 
 /// A connection to or from QEMU.
 #[derive(Debug)]
-enum Conn {
+pub(crate) enum Conn {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
 impl Conn {
-    fn try_clone(&self) -> io::Result<Conn> {
+    pub(crate) fn try_clone(&self) -> io::Result<Conn> {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
         })
     }
 
-    fn shutdown(&self, how: Shutdown) {
+    pub(crate) fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(how),
             Conn::Tcp(s) => s.shutdown(how),
@@ -139,9 +145,12 @@ pub struct Summary {
     pub forward: Moved,
     /// Return path: bytes QEMU wrote back, and bytes on the link.
     pub back: Moved,
-    /// Streams this shim received whose length and digest matched the sender's: one per QEMU
+    /// Streams this shim received whose length and digest matched the sender's (links), or
+    /// whose frames all passed their checksums and counts (parsing mode's pages): one per QEMU
     /// connection when all went well.
     pub verified: u32,
+    /// Pages by class (parsing mode): how the page codec sent the main channel's pages.
+    pub pages: Option<ClassCounts>,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -168,8 +177,20 @@ impl Summary {
             self.forward.raw as f64 / secs / 1e6,
             self.back.raw,
         );
+        if let Some(classes) = &self.pages {
+            text.push_str(&format!(
+                "\n  pages: {} zero, {} unchanged, {} duplicate, {} delta, {} LZ4, {} raw",
+                classes.pages(PageClass::Zero),
+                classes.pages(PageClass::Unchanged),
+                classes.pages(PageClass::Duplicate),
+                classes.pages(PageClass::Delta),
+                classes.pages(PageClass::Lz4),
+                classes.pages(PageClass::Raw),
+            ));
+        }
         text.push_str(&format!(
-            "\n  {} of {} incoming stream(s) verified end to end (length and XXH3-64)",
+            "\n  {} of {} incoming stream(s) verified end to end (links: length and XXH3-64; \
+             parsed pages: frame checksums and counts)",
             self.verified, self.connections
         ));
         if let Some(e) = &self.error {
@@ -179,28 +200,45 @@ impl Summary {
     }
 }
 
-/// Opaque mode is all this build has; the summary says so rather than leaving it implied.
-pub const OPAQUE_MODE: &str = "opaque (each QEMU connection carried as an LZ4-compressed byte stream; this build has no stream parser)";
+/// How the source shim carries QEMU's main channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Parsing mode whenever the stream can be parsed, opaque otherwise.
+    Auto,
+    /// Always opaque.
+    Opaque,
+}
+
+/// The mode of a session that nothing else was said of: every connection opaque.
+pub const OPAQUE_MODE: &str = "opaque (every QEMU connection carried as a compressed byte stream)";
 
 /// One migration in progress on either shim.
-struct Session {
-    id: [u8; 16],
+pub(crate) struct Session {
+    pub(crate) id: [u8; 16],
     started: Instant,
-    forward_raw: AtomicU64,
-    forward_wire: AtomicU64,
+    pub(crate) forward_raw: AtomicU64,
+    pub(crate) forward_wire: AtomicU64,
     back_raw: AtomicU64,
     back_wire: AtomicU64,
     connections: AtomicU64,
-    verified: AtomicU64,
+    pub(crate) verified: AtomicU64,
     /// Connections carried and not yet finished.
     open: Mutex<u32>,
     /// The main channel is connected (destination: to QEMU).
-    main_ready: Mutex<bool>,
-    changed: Condvar,
-    main_done: AtomicBool,
+    pub(crate) main_ready: Mutex<bool>,
+    pub(crate) changed: Condvar,
+    pub(crate) main_done: AtomicBool,
     error: Mutex<Option<String>>,
     /// Sockets to shut down if the migration fails.
     kill: Mutex<Vec<Box<dyn Fn() + Send>>>,
+    /// How the main channel was carried and why; opaque when unset.
+    pub(crate) mode: Mutex<Option<String>>,
+    /// Pages by class, in parsing mode.
+    pub(crate) pages: Mutex<Option<ClassCounts>>,
+    /// Destination, parsing mode: where the session's page-transport connections go.
+    pub(crate) pages_tx: Mutex<Option<crossbeam_channel::Sender<TcpStream>>>,
+    /// Destination, parsing mode: the main QEMU connection, for the return path.
+    pub(crate) qemu_main: Mutex<Option<Conn>>,
 }
 
 impl Session {
@@ -220,11 +258,51 @@ impl Session {
             main_done: AtomicBool::new(false),
             error: Mutex::new(None),
             kill: Mutex::new(Vec::new()),
+            mode: Mutex::new(None),
+            pages: Mutex::new(None),
+            pages_tx: Mutex::new(None),
+            qemu_main: Mutex::new(None),
         })
     }
 
+    /// Shuts `kill` down too if the migration fails.
+    pub(crate) fn on_failure(&self, kill: Box<dyn Fn() + Send>) {
+        self.kill.lock().expect("not poisoned").push(kill);
+    }
+
+    /// The first failure so far.
+    pub(crate) fn failed(&self) -> Option<String> {
+        self.error.lock().expect("not poisoned").clone()
+    }
+
+    /// Waits until the main channel is connected to the destination QEMU.
+    pub(crate) fn wait_main_ready(&self, timeout: Duration) -> Result<(), String> {
+        let mut ready = self.main_ready.lock().expect("not poisoned");
+        let deadline = Instant::now() + timeout;
+        while !*ready {
+            if Instant::now() >= deadline {
+                return Err("the main channel never came".into());
+            }
+            if let Some(e) = self.failed() {
+                return Err(format!("the session failed: {e}"));
+            }
+            ready = self
+                .changed
+                .wait_timeout(ready, Duration::from_millis(50))
+                .expect("not poisoned")
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Marks the main channel connected to the destination QEMU.
+    pub(crate) fn set_main_ready(&self) {
+        *self.main_ready.lock().expect("not poisoned") = true;
+        self.changed.notify_all();
+    }
+
     /// The counters of the migration stream (`true`) or of the return path.
-    fn direction(&self, forward: bool) -> (&AtomicU64, &AtomicU64) {
+    pub(crate) fn direction(&self, forward: bool) -> (&AtomicU64, &AtomicU64) {
         if forward {
             (&self.forward_raw, &self.forward_wire)
         } else {
@@ -232,13 +310,13 @@ impl Session {
         }
     }
 
-    fn hex(&self) -> String {
+    pub(crate) fn hex(&self) -> String {
         self.id[..6].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Records the first failure and shuts every socket of the session down, so that neither
     /// QEMU waits on a migration that cannot finish.
-    fn fail(&self, what: String) {
+    pub(crate) fn fail(&self, what: String) {
         let mut error = self.error.lock().expect("not poisoned");
         if error.is_none() {
             *error = Some(what);
@@ -251,7 +329,12 @@ impl Session {
     fn summary(&self) -> Summary {
         Summary {
             session: self.hex(),
-            mode: OPAQUE_MODE.into(),
+            mode: self
+                .mode
+                .lock()
+                .expect("not poisoned")
+                .clone()
+                .unwrap_or_else(|| OPAQUE_MODE.into()),
             connections: self.connections.load(Ordering::Relaxed) as u32,
             elapsed: self.started.elapsed(),
             forward: Moved {
@@ -263,16 +346,23 @@ impl Session {
                 wire: self.back_wire.load(Ordering::Relaxed),
             },
             verified: self.verified.load(Ordering::Relaxed) as u32,
+            pages: *self.pages.lock().expect("not poisoned"),
             error: self.error.lock().expect("not poisoned").clone(),
         }
     }
 
-    fn opened(&self) {
+    /// A connection of the session that is not one of QEMU's (parsing mode's return path): the
+    /// session waits for it, the summary does not count it.
+    pub(crate) fn helper_opened(&self) {
+        *self.open.lock().expect("not poisoned") += 1;
+    }
+
+    pub(crate) fn opened(&self) {
         *self.open.lock().expect("not poisoned") += 1;
         self.connections.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn closed(&self, main: bool) {
+    pub(crate) fn closed(&self, main: bool) {
         *self.open.lock().expect("not poisoned") -= 1;
         if main {
             self.main_done.store(true, Ordering::SeqCst);
@@ -281,7 +371,7 @@ impl Session {
     }
 
     /// Waits until the main channel and every other connection have finished.
-    fn wait_finished(&self) {
+    pub(crate) fn wait_finished(&self) {
         let mut open = self.open.lock().expect("not poisoned");
         while !(self.main_done.load(Ordering::SeqCst) && *open == 0) {
             open = self
@@ -294,7 +384,7 @@ impl Session {
 }
 
 /// Prints a progress line every second while the session runs.
-fn progress(session: Arc<Session>, side: &'static str, log: Log) {
+pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
     std::thread::spawn(move || {
         let mut last = 0;
         loop {
@@ -399,8 +489,12 @@ pub struct SourceConfig {
     pub to: String,
     /// Pre-shared key, if any.
     pub key: Option<Key>,
-    /// How the migration stream is compressed.
+    /// How the migration stream is compressed (opaque mode).
     pub compression: Compression,
+    /// Parsing mode when possible, or always opaque.
+    pub mode: Mode,
+    /// Data channels of parsing mode's page transport.
+    pub channels: u16,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -556,6 +650,30 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             let main = kind == StreamKind::Main;
             session.opened();
             let result = (|| -> Result<(), String> {
+                let mut prefix = prefix;
+                if main && config.mode == Mode::Auto {
+                    match parsed::source_main(
+                        conn.try_clone().map_err(|e| e.to_string())?,
+                        prefix,
+                        &session,
+                        &config,
+                        to,
+                    )? {
+                        parsed::SourceOutcome::Carried => return Ok(()),
+                        parsed::SourceOutcome::Opaque { read, why } => {
+                            (config.log)(&format!(
+                                "source shim: main channel carried opaque: {why}"
+                            ));
+                            *session.mode.lock().expect("not poisoned") = Some(format!(
+                                "opaque (the main channel's stream cannot be parsed: {why})"
+                            ));
+                            prefix = read;
+                        }
+                    }
+                } else if main {
+                    *session.mode.lock().expect("not poisoned") =
+                        Some(format!("{OPAQUE_MODE}, as asked (--mode opaque)"));
+                }
                 let mut link = TcpStream::connect_timeout(&to, Duration::from_secs(10))
                     .map_err(|e| format!("cannot reach the destination shim {to}: {e}"))?;
                 link.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -672,7 +790,7 @@ impl std::fmt::Debug for DestinationConfig {
 }
 
 /// Connects to QEMU, retrying for a while: the destination QEMU may still be starting.
-fn connect_qemu(endpoint: &Endpoint) -> Result<Conn, String> {
+pub(crate) fn connect_qemu(endpoint: &Endpoint) -> Result<Conn, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match Conn::connect(endpoint) {
@@ -741,7 +859,7 @@ pub fn run_destination_on(
                 }
             };
             let _ = link.set_read_timeout(None);
-            let main = header.kind == StreamKind::Main;
+            let main = matches!(header.kind, StreamKind::Main | StreamKind::Pages);
             let session = {
                 let mut all = sessions.lock().expect("not poisoned");
                 all.retain(|s| !s.main_done.load(Ordering::SeqCst));
@@ -754,6 +872,41 @@ pub fn run_destination_on(
                     }
                 }
             };
+            match header.kind {
+                StreamKind::Pages => {
+                    // The first page-transport connection of a session carries the session; the
+                    // others join it through its acceptor.
+                    let rx = {
+                        let mut tx = session.pages_tx.lock().expect("not poisoned");
+                        if let Some(tx) = tx.as_ref() {
+                            parsed::hand_over(&session, tx, link);
+                            return;
+                        }
+                        let (new_tx, rx) = crossbeam_channel::unbounded();
+                        parsed::hand_over(&session, &new_tx, link);
+                        *tx = Some(new_tx);
+                        rx
+                    };
+                    session.opened();
+                    progress(session.clone(), "destination", config.log.clone());
+                    if let Err(why) = parsed::destination_main(&session, &config, rx) {
+                        session.fail(format!("main channel (parsing mode): {why}"));
+                    }
+                    session.closed(true);
+                    session.wait_finished();
+                    let summary = session.summary();
+                    (config.log)(&summary.render("destination shim"));
+                    let _ = done_tx.send(summary);
+                    return;
+                }
+                StreamKind::ReturnPath => {
+                    if let Err(why) = parsed::destination_return_path(&session, link) {
+                        session.fail(format!("return path (parsing mode): {why}"));
+                    }
+                    return;
+                }
+                StreamKind::Main | StreamKind::Multifd(_) => {}
+            }
             session.opened();
             if main {
                 progress(session.clone(), "destination", config.log.clone());
@@ -761,23 +914,11 @@ pub fn run_destination_on(
             let result = (|| -> Result<(), String> {
                 if !main {
                     // QEMU takes its first connection as the main channel: wait for it.
-                    let mut ready = session.main_ready.lock().expect("not poisoned");
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    while !*ready {
-                        if Instant::now() >= deadline {
-                            return Err("the main channel never came".into());
-                        }
-                        ready = session
-                            .changed
-                            .wait_timeout(ready, Duration::from_millis(50))
-                            .expect("not poisoned")
-                            .0;
-                    }
+                    session.wait_main_ready(Duration::from_secs(30))?;
                 }
                 let qemu = connect_qemu(&config.qemu)?;
                 if main {
-                    *session.main_ready.lock().expect("not poisoned") = true;
-                    session.changed.notify_all();
+                    session.set_main_ready();
                 }
                 relay(qemu, Vec::new(), link, &session, false, config.compression)
             })();

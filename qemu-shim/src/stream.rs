@@ -307,7 +307,9 @@ impl Parser {
     /// Parses as many whole items of `input` as it holds, calling `emit` for each event, and
     /// returns the bytes consumed. The caller keeps the rest and offers it again with more
     /// input appended (at least [`MAX_ITEM`] bytes at a time when it has them). Consecutive
-    /// bytes to carry come as one [`Event::Bytes`].
+    /// bytes to carry come as one [`Event::Bytes`]. It returns early right after
+    /// [`Event::RamBlocks`], so that the caller can set up for pages before any comes: call it
+    /// again until it consumes nothing.
     pub fn parse(&mut self, input: &[u8], emit: &mut dyn FnMut(Event<'_>)) -> usize {
         let mut pos = 0;
         // Start of a run of bytes to carry that has not been emitted yet.
@@ -322,6 +324,8 @@ impl Parser {
                     emit(Event::Bytes(&input[run..pos]));
                     run = pos;
                     emit(Event::RamBlocks(&self.blocks));
+                    // Let the caller set up for the pages before any comes.
+                    break;
                 }
                 Item::Page {
                     block,
@@ -916,8 +920,13 @@ mod tests {
         };
         for piece in stream.chunks(chunk.max(1)) {
             held.extend_from_slice(piece);
-            let n = parser.parse(&held, &mut |e| emit(e, &mut parsed, &mut blocks));
-            held.drain(..n);
+            loop {
+                let n = parser.parse(&held, &mut |e| emit(e, &mut parsed, &mut blocks));
+                held.drain(..n);
+                if n == 0 {
+                    break;
+                }
+            }
         }
         parser.finish(&held, &mut |e| emit(e, &mut parsed, &mut blocks));
         assert_eq!(parser.position(), stream.len() as u64);

@@ -57,8 +57,13 @@ fn parse_and_rebuild(stream: &[u8]) -> Rebuilt {
     // Feed it the way a socket would: in uneven pieces.
     for piece in stream.chunks(100_003) {
         held.extend_from_slice(piece);
-        let n = parser.parse(&held, &mut emit);
-        held.drain(..n);
+        loop {
+            let n = parser.parse(&held, &mut emit);
+            held.drain(..n);
+            if n == 0 {
+                break;
+            }
+        }
     }
     parser.finish(&held, &mut emit);
     out

@@ -1,0 +1,788 @@
+//! Parsing mode: QEMU's main channel with its RAM pages taken out of the stream and sent through
+//! the page codec and the multi-channel transport; everything else carried in order on the
+//! transport's control connection; a stream QEMU accepts rebuilt on the destination.
+//!
+//! Source: the [`Parser`] reads the stream until the RAM block list. Nothing leaves the host
+//! before that, so a stream it cannot read is still carried whole in opaque mode. Then a
+//! transport session opens (the block list as its memory layout, every connection through the
+//! shims' keyed handshake), plus one link for the return path. Each page goes to
+//! [`Sender::send_page`]; the bytes between pages are collected and, as soon as a page or the end
+//! of what QEMU wrote so far comes, sent as a blob, after a barrier ([`Sender::end_pass`]) when
+//! pages came before them. A blob's tag is the number of passes ended before it.
+//!
+//! Destination: the channels decode pages into per-channel buckets, one per pass. When a blob
+//! with tag `t` arrives (the transport delivers it only after every page of the passes before it
+//! was applied), the pages of passes below `t` are written to QEMU as fresh RAM records, then the
+//! blob's bytes. So every page reaches QEMU before the bytes that followed it at the source (its
+//! section's end marker above all) and after the bytes that preceded it (its section's header):
+//! the order QEMU's loader needs. Pages the codec found unchanged are not written at all: the
+//! destination QEMU already holds that content.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use pagecodec::{
+    Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr, PageSink, SinkError, ZERO_PAGE,
+};
+use pagestream_transport::channel::DEFAULT_MAX_FRAME_BODY;
+use pagestream_transport::error::full_message;
+use pagestream_transport::{
+    ReceiverConfig, ReceiverEvent, Sender, SenderConfig, SessionStats, StreamAcceptor, StreamSetup,
+    TcpBackend, TcpConnector, accept,
+};
+
+use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
+use crate::relay::{Conn, DestinationConfig, Session, SourceConfig, connect_qemu};
+use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
+
+/// First byte of a blob: the RAM block list.
+const BLOB_BLOCKS: u8 = 1;
+/// First byte of a blob: stream bytes to write to QEMU after the pages before them.
+const BLOB_BYTES: u8 = 2;
+/// First byte of a blob: the source's account of the mode, for the destination's summary.
+const BLOB_MODE: u8 = 3;
+
+/// Bytes read from QEMU per call.
+const READ_CHUNK: usize = 1 << 20;
+/// Stream bytes the source reads looking for the RAM block list before it settles for opaque
+/// mode (QEMU sends the list within its first few kilobytes).
+const MAX_PREAMBLE: usize = 16 << 20;
+/// Handshakes and connections give up after this long.
+const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+
+const _: () = assert!(TARGET_PAGE_SIZE == PAGE_SIZE);
+const _: () = assert!(READ_CHUNK >= stream::MAX_ITEM);
+
+/// How the source's main channel went.
+pub(crate) enum SourceOutcome {
+    /// Carried in parsing mode, to the end.
+    Carried,
+    /// The stream cannot be parsed: carry it opaque, starting with `read` (everything read
+    /// from QEMU so far; nothing of it was sent).
+    Opaque { read: Vec<u8>, why: String },
+}
+
+/// Runs the shims' keyed handshake on a new connection of a parsing-mode session.
+fn authenticate(
+    stream: &mut TcpStream,
+    key: Option<&Key>,
+    session: [u8; 16],
+    kind: StreamKind,
+) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(LINK_TIMEOUT))?;
+    link::connect_handshake(stream, key, LinkHeader { session, kind })
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    stream.set_read_timeout(None)
+}
+
+fn read_some(qemu: &mut Conn, buf: &mut [u8]) -> Result<usize, String> {
+    loop {
+        match qemu.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading from QEMU failed: {e}")),
+        }
+    }
+}
+
+/// Encodes the RAM block list for the destination.
+fn encode_blocks(blocks: &[RamBlock]) -> Vec<u8> {
+    let mut out = vec![BLOB_BLOCKS];
+    out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+    for block in blocks {
+        out.push(block.name.len() as u8);
+        out.extend_from_slice(block.name.as_bytes());
+        out.extend_from_slice(&block.used_length.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes and checks the RAM block list against the session's memory layout.
+fn decode_blocks(mut body: &[u8], layout: &MemoryLayout) -> Result<Vec<RamBlock>, String> {
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        if body.len() < n {
+            return Err("a truncated RAM block list".to_string());
+        }
+        let (head, rest) = body.split_at(n);
+        body = rest;
+        Ok(head)
+    };
+    let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    if count != layout.region_count() || count > MAX_RAM_BLOCKS {
+        return Err(format!(
+            "a RAM block list of {count} blocks for a layout of {} regions",
+            layout.region_count()
+        ));
+    }
+    let mut blocks = Vec::with_capacity(count);
+    for &pages in layout.region_pages() {
+        let len = usize::from(take(1)?[0]);
+        let name = std::str::from_utf8(take(len)?)
+            .map_err(|_| "a RAM block name that is not text".to_string())?
+            .to_string();
+        let used_length = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        let block = RamBlock { name, used_length };
+        if block.name.is_empty() || block.pages() != pages {
+            return Err(format!(
+                "RAM block {:?} does not match the session's layout",
+                block.name
+            ));
+        }
+        blocks.push(block);
+    }
+    if !body.is_empty() {
+        return Err("trailing bytes after the RAM block list".into());
+    }
+    Ok(blocks)
+}
+
+/// The source's side of a parsing-mode session, between the parser and the transport.
+struct Outgoing {
+    sender: Sender,
+    /// Pass of the pages being sent: every run of bytes that follows pages ends one.
+    generation: Generation,
+    pages_in_pass: bool,
+    /// Stream bytes not sent yet.
+    carry: Vec<u8>,
+    blob_bytes: u64,
+    /// Where and why the parser stopped taking pages out, if it did.
+    pass_through: Option<(String, bool, u64)>,
+    error: Option<String>,
+}
+
+impl Outgoing {
+    fn event(&mut self, event: Event<'_>) {
+        if self.error.is_some() {
+            return;
+        }
+        let result = match event {
+            Event::Bytes(bytes) => {
+                self.carry.extend_from_slice(bytes);
+                Ok(())
+            }
+            Event::Page {
+                block,
+                offset,
+                data,
+                ..
+            } => {
+                let page: &Page = data.try_into().expect("the parser hands out whole pages");
+                self.page(block, offset, page)
+            }
+            Event::Fill {
+                block,
+                offset,
+                byte,
+                ..
+            } => {
+                if byte == 0 {
+                    self.page(block, offset, &ZERO_PAGE)
+                } else {
+                    self.page(block, offset, &[byte; PAGE_SIZE])
+                }
+            }
+            Event::RamBlocks(_) => Err("the stream lists its RAM blocks twice".to_string()),
+            Event::PassThrough {
+                reason,
+                expected,
+                at,
+            } => {
+                self.pass_through = Some((reason, expected, at));
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            self.error = Some(e);
+        }
+    }
+
+    fn page(&mut self, block: usize, offset: u64, page: &Page) -> Result<(), String> {
+        // The bytes before this page (its section's header) must reach QEMU first.
+        self.flush()?;
+        let addr = PageAddr::new(block as u32, offset / PAGE_SIZE as u64);
+        self.sender
+            .send_page(addr, self.generation, page)
+            .map_err(|e| full_message(&e))?;
+        self.pages_in_pass = true;
+        Ok(())
+    }
+
+    /// Sends the bytes collected so far, after a barrier behind the pages that came before them.
+    fn flush(&mut self) -> Result<(), String> {
+        if self.carry.is_empty() {
+            return Ok(());
+        }
+        if self.pages_in_pass {
+            self.sender
+                .end_pass(self.generation)
+                .map_err(|e| full_message(&e))?;
+            self.generation += 1;
+            self.pages_in_pass = false;
+        }
+        let mut blob = Vec::with_capacity(1 + self.carry.len());
+        blob.push(BLOB_BYTES);
+        blob.extend_from_slice(&self.carry);
+        self.sender
+            .send_blob(self.generation, &blob)
+            .map_err(|e| full_message(&e))?;
+        self.blob_bytes += blob.len() as u64;
+        self.carry.clear();
+        Ok(())
+    }
+}
+
+/// Carries the source's main QEMU connection in parsing mode, or says why it cannot.
+pub(crate) fn source_main(
+    mut qemu: Conn,
+    prefix: Vec<u8>,
+    session: &Arc<Session>,
+    config: &SourceConfig,
+    to: SocketAddr,
+) -> Result<SourceOutcome, String> {
+    let mut parser = Parser::new();
+    let mut read = prefix.clone();
+    let mut held = prefix;
+    let mut carry = Vec::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let blocks = loop {
+        let mut blocks = None;
+        let mut stop = None;
+        let n = parser.parse(&held, &mut |event| match event {
+            Event::Bytes(bytes) => carry.extend_from_slice(bytes),
+            Event::RamBlocks(list) => blocks = Some(list.to_vec()),
+            Event::PassThrough { reason, .. } => stop = Some(reason),
+            // The parser stops right after the block list: no page comes before it.
+            Event::Page { .. } | Event::Fill { .. } => {}
+        });
+        held.drain(..n);
+        if let Some(why) = stop {
+            return Ok(SourceOutcome::Opaque { read, why });
+        }
+        if let Some(blocks) = blocks {
+            break blocks;
+        }
+        if n > 0 {
+            continue;
+        }
+        if read.len() > MAX_PREAMBLE {
+            return Ok(SourceOutcome::Opaque {
+                read,
+                why: format!("no RAM block list in its first {MAX_PREAMBLE} bytes"),
+            });
+        }
+        let got = read_some(&mut qemu, &mut buf)?;
+        if got == 0 {
+            return Ok(SourceOutcome::Opaque {
+                read,
+                why: "the stream ended before its RAM section".into(),
+            });
+        }
+        read.extend_from_slice(&buf[..got]);
+        held.extend_from_slice(&buf[..got]);
+    };
+    session
+        .forward_raw
+        .fetch_add(read.len() as u64, Ordering::Relaxed);
+    drop(read);
+
+    let layout = MemoryLayout::new(blocks.iter().map(RamBlock::pages).collect())
+        .map_err(|e| format!("the RAM blocks do not fit a page layout: {e}"))?;
+    let (key, id) = (config.key.clone(), session.id);
+    let setup: StreamSetup =
+        Arc::new(move |stream| authenticate(stream, key.as_ref(), id, StreamKind::Pages));
+    let backend = TcpBackend::detect(&config.log);
+    let connector = TcpConnector::new(to, backend, Duration::from_secs(10)).with_setup(setup);
+    let sender = Sender::connect(
+        Box::new(connector),
+        layout,
+        SenderConfig {
+            channels: config.channels,
+            log: config.log.clone(),
+            ..SenderConfig::default()
+        },
+    )
+    .map_err(|e| format!("cannot open the page transport: {}", full_message(&e)))?;
+    let channels = sender.channels();
+    let back = source_return_path(&qemu, session, config, to)?;
+    {
+        let q = qemu.try_clone().map_err(|e| e.to_string())?;
+        session.on_failure(Box::new(move || q.shutdown(Shutdown::Both)));
+    }
+
+    let mut out = Outgoing {
+        sender,
+        generation: 0,
+        pages_in_pass: false,
+        carry,
+        blob_bytes: 0,
+        pass_through: None,
+        error: None,
+    };
+    let blocks_blob = encode_blocks(&blocks);
+    out.sender
+        .send_blob(0, &blocks_blob)
+        .map_err(|e| full_message(&e))?;
+    out.blob_bytes += blocks_blob.len() as u64;
+    loop {
+        loop {
+            let n = parser.parse(&held, &mut |event| out.event(event));
+            held.drain(..n);
+            if n == 0 {
+                break;
+            }
+        }
+        if let Some(e) = out.error.take() {
+            return Err(e);
+        }
+        // Whatever QEMU wrote so far goes now: commands and device state must not wait.
+        out.flush()?;
+        session.forward_wire.store(
+            out.sender.stats().wire_bytes() + out.blob_bytes,
+            Ordering::Relaxed,
+        );
+        if let Some(e) = session.failed() {
+            return Err(format!("the session failed: {e}"));
+        }
+        let got = read_some(&mut qemu, &mut buf)?;
+        if got == 0 {
+            break;
+        }
+        session.forward_raw.fetch_add(got as u64, Ordering::Relaxed);
+        held.extend_from_slice(&buf[..got]);
+    }
+    parser.finish(&held, &mut |event| out.event(event));
+    if let Some(e) = out.error.take() {
+        return Err(e);
+    }
+    out.flush()?;
+    let mode = mode_text(channels, out.sender.backend(), out.pass_through.as_ref());
+    let mut note = vec![BLOB_MODE];
+    note.extend_from_slice(mode.as_bytes());
+    out.sender
+        .send_blob(out.generation, &note)
+        .map_err(|e| full_message(&e))?;
+    let blob_bytes = out.blob_bytes + note.len() as u64;
+    let summary = out
+        .sender
+        .finish()
+        .map_err(|e| format!("the page transport failed: {}", full_message(&e)))?;
+    session
+        .forward_wire
+        .store(summary.stats.wire_bytes() + blob_bytes, Ordering::Relaxed);
+    *session.pages.lock().expect("not poisoned") = Some(summary.stats.classes);
+    *session.mode.lock().expect("not poisoned") = Some(mode);
+    back.join()
+        .unwrap_or_else(|_| Err("the return-path thread panicked".into()))?;
+    Ok(SourceOutcome::Carried)
+}
+
+/// What the summary says of a parsing-mode session.
+fn mode_text(channels: u16, backend: &str, pass_through: Option<&(String, bool, u64)>) -> String {
+    let mut text = format!(
+        "parsing (RAM pages through the page codec on {channels} channel(s) over {backend}, the \
+         rest of the main channel in order on the control connection; multifd channels opaque)"
+    );
+    if let Some((reason, false, at)) = pass_through {
+        text.push_str(&format!(
+            "; from stream byte {at} on carried as bytes because of {reason}"
+        ));
+    }
+    text
+}
+
+/// Opens the return-path link and relays what comes back on it into the source QEMU.
+fn source_return_path(
+    qemu: &Conn,
+    session: &Arc<Session>,
+    config: &SourceConfig,
+    to: SocketAddr,
+) -> Result<std::thread::JoinHandle<Result<(), String>>, String> {
+    let mut link = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+        .map_err(|e| format!("cannot reach the destination shim {to}: {e}"))?;
+    authenticate(
+        &mut link,
+        config.key.as_ref(),
+        session.id,
+        StreamKind::ReturnPath,
+    )
+    .map_err(|e| format!("return path: {e}"))?;
+    {
+        let l = link.try_clone().map_err(|e| e.to_string())?;
+        session.on_failure(Box::new(move || {
+            let _ = l.shutdown(Shutdown::Both);
+        }));
+    }
+    // Nothing goes this way but the end marker.
+    link::to_link(&mut io::empty(), &mut link, Compression::Lz4, |_, _| {})
+        .map_err(|e| format!("return path: {e}"))?;
+    let mut qemu_out = qemu.try_clone().map_err(|e| e.to_string())?;
+    let session = session.clone();
+    Ok(std::thread::spawn(move || {
+        let (raw, wire) = session.direction(false);
+        let received = link::from_link(&mut link, &mut qemu_out, |r, w| {
+            raw.fetch_add(r, Ordering::Relaxed);
+            wire.fetch_add(w, Ordering::Relaxed);
+        });
+        match received {
+            Ok(_) => {
+                session.verified.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("return path from the other shim: {e}");
+                session.fail(why.clone());
+                Err(why)
+            }
+        }
+    }))
+}
+
+/// Gives a page-transport connection to its session's acceptor (and to the session's list of
+/// sockets to shut down if it fails).
+pub(crate) fn hand_over(
+    session: &Session,
+    to: &crossbeam_channel::Sender<TcpStream>,
+    link: TcpStream,
+) {
+    if let Ok(clone) = link.try_clone() {
+        session.on_failure(Box::new(move || {
+            let _ = clone.shutdown(Shutdown::Both);
+        }));
+    }
+    let _ = to.send(link);
+}
+
+/// Pages of one pass from one channel, in arrival order.
+#[derive(Default)]
+struct Bucket {
+    /// Address and whether the page is zero (no bytes in `data`).
+    records: Vec<(PageAddr, bool)>,
+    data: Vec<u8>,
+}
+
+type Buckets = Arc<Mutex<BTreeMap<Generation, Bucket>>>;
+
+/// A channel's decoded pages, kept by pass until the bytes after them arrive.
+struct BucketSink {
+    buckets: Buckets,
+}
+
+impl BucketSink {
+    fn push(&mut self, addr: PageAddr, generation: Generation, page: Option<&Page>) {
+        let mut buckets = self.buckets.lock().expect("not poisoned");
+        let bucket = buckets.entry(generation).or_default();
+        bucket.records.push((addr, page.is_none()));
+        if let Some(page) = page {
+            bucket.data.extend_from_slice(page);
+        }
+    }
+}
+
+impl PageSink for BucketSink {
+    fn zero(&mut self, addr: PageAddr, generation: Generation) -> Result<(), SinkError> {
+        self.push(addr, generation, None);
+        Ok(())
+    }
+
+    fn data(
+        &mut self,
+        addr: PageAddr,
+        generation: Generation,
+        page: &Page,
+    ) -> Result<(), SinkError> {
+        self.push(addr, generation, Some(page));
+        Ok(())
+    }
+}
+
+/// The destination's rebuilding of the stream for QEMU.
+struct Rebuild<'a> {
+    out: BufWriter<Conn>,
+    layout: MemoryLayout,
+    blocks: Vec<RamBlock>,
+    buckets: Vec<Buckets>,
+    session: &'a Session,
+    written: u64,
+    blob_bytes: u64,
+    /// The source's account of the mode.
+    mode: Option<String>,
+    error: Option<String>,
+}
+
+impl Rebuild<'_> {
+    fn on_event(&mut self, event: ReceiverEvent) {
+        if self.error.is_some() {
+            return;
+        }
+        if let ReceiverEvent::Blob { tag, data } = event {
+            self.blob_bytes += data.len() as u64;
+            if let Err(e) = self.blob(tag, &data) {
+                // Shut everything down: the source must hear of it and fail its QEMU's
+                // migration rather than finish it into a broken destination.
+                self.session.fail(format!("rebuilding the stream: {e}"));
+                self.error = Some(e);
+            }
+        }
+    }
+
+    fn blob(&mut self, tag: u32, data: &[u8]) -> Result<(), String> {
+        let (&kind, body) = data.split_first().ok_or("an empty blob")?;
+        match kind {
+            BLOB_BLOCKS => {
+                self.blocks = decode_blocks(body, &self.layout)?;
+                Ok(())
+            }
+            BLOB_BYTES => {
+                if self.blocks.is_empty() {
+                    return Err("stream bytes came before the RAM block list".into());
+                }
+                for channel in 0..self.buckets.len() {
+                    let ready = {
+                        let mut buckets = self.buckets[channel].lock().expect("not poisoned");
+                        let later = buckets.split_off(&tag);
+                        std::mem::replace(&mut *buckets, later)
+                    };
+                    for bucket in ready.values() {
+                        self.write_bucket(bucket)?;
+                    }
+                }
+                self.out
+                    .write_all(body)
+                    .and_then(|()| self.out.flush())
+                    .map_err(|e| format!("writing to QEMU failed: {e}"))?;
+                self.written += body.len() as u64;
+                self.session
+                    .forward_raw
+                    .store(self.written, Ordering::Relaxed);
+                Ok(())
+            }
+            BLOB_MODE => {
+                self.mode = Some(String::from_utf8_lossy(body).into_owned());
+                Ok(())
+            }
+            other => Err(format!("a blob of unknown kind {other}")),
+        }
+    }
+
+    fn write_bucket(&mut self, bucket: &Bucket) -> Result<(), String> {
+        let mut pages = bucket.data.chunks_exact(PAGE_SIZE);
+        for &(addr, zero) in &bucket.records {
+            let block = self.blocks.get(addr.region as usize).ok_or_else(|| {
+                format!("a page of RAM block {} that does not exist", addr.region)
+            })?;
+            let data = if zero {
+                None
+            } else {
+                Some(pages.next().ok_or("a bucket short of page data")?)
+            };
+            let mut header = [0u8; 8 + 1 + 255];
+            let len = record_header(
+                &mut header,
+                &block.name,
+                addr.index * PAGE_SIZE as u64,
+                zero,
+            );
+            let written = self
+                .out
+                .write_all(&header[..len])
+                .and_then(|()| match data {
+                    Some(page) => self.out.write_all(page),
+                    None => self.out.write_all(&[0]),
+                });
+            written.map_err(|e| format!("writing to QEMU failed: {e}"))?;
+            self.written += (len + data.map_or(1, <[u8]>::len)) as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A RAM record's header (be64 offset|flags, u8 length, block name) in `out`; returns its
+/// length. Same encoding as [`stream::write_page_record`], without the page.
+fn record_header(out: &mut [u8; 264], block: &str, offset: u64, zero: bool) -> usize {
+    let flag = if zero {
+        stream::flags::ZERO
+    } else {
+        stream::flags::PAGE
+    };
+    out[..8].copy_from_slice(&(offset | flag).to_be_bytes());
+    out[8] = block.len() as u8;
+    out[9..9 + block.len()].copy_from_slice(block.as_bytes());
+    9 + block.len()
+}
+
+/// Receives a parsing-mode session and feeds the rebuilt main channel to the destination QEMU.
+pub(crate) fn destination_main(
+    session: &Arc<Session>,
+    config: &DestinationConfig,
+    connections: Receiver<TcpStream>,
+) -> Result<(), String> {
+    let backend = TcpBackend::detect(&config.log);
+    let mut acceptor = StreamAcceptor::new(
+        connections,
+        backend,
+        DEFAULT_MAX_FRAME_BODY,
+        config.log.clone(),
+    );
+    let receiver_config = ReceiverConfig {
+        log: config.log.clone(),
+        ..ReceiverConfig::default()
+    };
+    let pending = accept(&mut acceptor, &receiver_config)
+        .map_err(|e| format!("the page transport: {}", full_message(&e)))?;
+    let channels = pending.channels();
+    let layout = pending.layout().clone();
+    // QEMU takes its first connection as the main channel: connect it before any multifd link.
+    let qemu = connect_qemu(&config.qemu)?;
+    let clone = || qemu.try_clone().map_err(|e| e.to_string());
+    {
+        let q = clone()?;
+        session.on_failure(Box::new(move || q.shutdown(Shutdown::Both)));
+    }
+    *session.qemu_main.lock().expect("not poisoned") = Some(clone()?);
+    session.set_main_ready();
+
+    let buckets: Vec<Buckets> = (0..channels).map(|_| Buckets::default()).collect();
+    let sinks: Vec<BucketSink> = buckets
+        .iter()
+        .map(|b| BucketSink { buckets: b.clone() })
+        .collect();
+    let mut rebuild = Rebuild {
+        out: BufWriter::with_capacity(1 << 20, clone()?),
+        layout,
+        blocks: Vec::new(),
+        buckets,
+        session,
+        written: 0,
+        blob_bytes: 0,
+        mode: None,
+        error: None,
+    };
+    let stats = Arc::new(SessionStats::new(usize::from(channels)));
+    let result = {
+        let watched = stats.clone();
+        pending.run_with_stats(&mut acceptor, sinks, watched, |event| {
+            rebuild.on_event(event);
+            session.forward_wire.store(
+                stats.snapshot().wire_bytes() + rebuild.blob_bytes,
+                Ordering::Relaxed,
+            );
+        })
+    };
+    if let Some(e) = rebuild.error.take() {
+        return Err(e);
+    }
+    let summary = result.map_err(|e| format!("the page transport: {}", full_message(&e)))?;
+    rebuild
+        .out
+        .flush()
+        .map_err(|e| format!("writing to QEMU failed: {e}"))?;
+    // The stream is complete: QEMU sees its end.
+    qemu.shutdown(Shutdown::Write);
+    session.verified.fetch_add(1, Ordering::Relaxed);
+    session.forward_wire.store(
+        summary.stats.wire_bytes() + rebuild.blob_bytes,
+        Ordering::Relaxed,
+    );
+    *session.pages.lock().expect("not poisoned") = Some(summary.stats.classes);
+    *session.mode.lock().expect("not poisoned") = Some(
+        rebuild
+            .mode
+            .take()
+            .unwrap_or_else(|| mode_text(channels, summary.backend, None)),
+    );
+    Ok(())
+}
+
+/// Relays the destination QEMU's return path back to the source shim.
+pub(crate) fn destination_return_path(
+    session: &Arc<Session>,
+    link: TcpStream,
+) -> Result<(), String> {
+    session.helper_opened();
+    let result = (|| -> Result<(), String> {
+        {
+            let l = link.try_clone().map_err(|e| e.to_string())?;
+            session.on_failure(Box::new(move || {
+                let _ = l.shutdown(Shutdown::Both);
+            }));
+        }
+        session.wait_main_ready(LINK_TIMEOUT)?;
+        let mut qemu = session
+            .qemu_main
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map(Conn::try_clone)
+            .transpose()
+            .map_err(|e| e.to_string())?
+            .ok_or("the main channel is not connected")?;
+        // The source sends nothing this way but its end marker.
+        let mut link_in = link.try_clone().map_err(|e| e.to_string())?;
+        let drain =
+            std::thread::spawn(move || link::from_link(&mut link_in, &mut io::sink(), |_, _| {}));
+        let mut link_out = link;
+        let (raw, wire) = session.direction(false);
+        link::to_link(&mut qemu, &mut link_out, Compression::Lz4, |r, w| {
+            raw.fetch_add(r, Ordering::Relaxed);
+            wire.fetch_add(w, Ordering::Relaxed);
+        })
+        .map_err(|e| format!("to the other shim: {e}"))?;
+        let _ = link_out.shutdown(Shutdown::Write);
+        drain
+            .join()
+            .map_err(|_| "the return-path thread panicked".to_string())?
+            .map_err(|e| format!("from the other shim: {e}"))?;
+        Ok(())
+    })();
+    session.closed(false);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_lists_round_trip_and_are_checked() {
+        let blocks = vec![
+            RamBlock {
+                name: "pc.ram".into(),
+                used_length: 64 << 12,
+            },
+            RamBlock {
+                name: "/rom@etc/acpi/rsdp".into(),
+                used_length: 100,
+            },
+        ];
+        let layout = MemoryLayout::new(vec![64, 1]).unwrap();
+        let blob = encode_blocks(&blocks);
+        assert_eq!(blob[0], BLOB_BLOCKS);
+        assert_eq!(decode_blocks(&blob[1..], &layout).unwrap(), blocks);
+        let other = MemoryLayout::new(vec![64, 2]).unwrap();
+        assert!(decode_blocks(&blob[1..], &other).is_err());
+        assert!(decode_blocks(&blob[1..blob.len() - 1], &layout).is_err());
+        let mut longer = blob[1..].to_vec();
+        longer.push(0);
+        assert!(decode_blocks(&longer, &layout).is_err());
+    }
+
+    #[test]
+    fn record_headers_match_the_stream_encoding() {
+        let mut header = [0u8; 264];
+        let len = record_header(&mut header, "pc.ram", 5 << 12, false);
+        let mut full = Vec::new();
+        stream::write_page_record(&mut full, "pc.ram", 5 << 12, Some(&[7; PAGE_SIZE]));
+        assert_eq!(&header[..len], &full[..len]);
+        let len = record_header(&mut header, "pc.ram", 5 << 12, true);
+        let mut zero = Vec::new();
+        stream::write_page_record(&mut zero, "pc.ram", 5 << 12, None);
+        assert_eq!(&header[..len], &zero[..len]);
+        assert_eq!(zero.len(), len + 1);
+    }
+}
