@@ -905,8 +905,11 @@ mod tests {
                     .pages
                     .push((block, offset, vec![byte; TARGET_PAGE_SIZE]));
                 parsed.items.push(format!("fill {block} {offset:#x}"));
-                assert_eq!(byte, 0);
-                write_page_record(&mut parsed.rebuilt, &blocks[block].name, offset, None);
+                // QEMU only ever sends 0, but a damaged stream may carry any byte: a
+                // non-zero fill is rebuilt as a whole page with the same contents.
+                let fill = [byte; TARGET_PAGE_SIZE];
+                let data = (byte != 0).then_some(&fill[..]);
+                write_page_record(&mut parsed.rebuilt, &blocks[block].name, offset, data);
             }
             Event::PassThrough {
                 reason,
@@ -1127,6 +1130,28 @@ mod tests {
         let parsed = parse_in_chunks(&stream, 3);
         assert_eq!(parsed.pages.len(), 1);
         assert!(parsed.pass_through.expect("device state").1);
+    }
+
+    #[test]
+    fn a_fill_record_with_a_non_zero_byte_fills_the_page_with_it() {
+        let mut stream = StreamBuilder::default()
+            .header()
+            .ram_start(2, &[("pc.ram", 64 << 12)])
+            .part(2)
+            .zero(Some("pc.ram"), 0x3000)
+            .eos_footer(2)
+            .bytes;
+        // The fill byte is the ZERO record's last byte, just before EOS and the footer.
+        let fill_at = stream.len() - 8 - 1 - 4 - 1;
+        assert_eq!(stream[fill_at], 0);
+        stream[fill_at] = 0x5a;
+        let parsed = parse_in_chunks(&stream, 7);
+        assert_eq!(
+            parsed.pages,
+            vec![(0, 0x3000, vec![0x5a; TARGET_PAGE_SIZE])]
+        );
+        let again = parse_in_chunks(&parsed.rebuilt, 5);
+        assert_eq!(again.pages, parsed.pages);
     }
 
     proptest::proptest! {
