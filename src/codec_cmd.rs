@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// Delta cache budget; 0 turns deltas off.
     #[arg(long, default_value = "64M")]
     delta_cache: String,
+    /// Compress page groups with zstd (level 1) instead of LZ4: the codec's mode for slow links.
+    #[arg(long)]
+    zstd: bool,
 }
 
 pub fn run(cmd: CodecCommand) -> Result<()> {
@@ -119,6 +122,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         repeat: args.repeat,
         dup_cache_bytes: size_arg("dup-cache", &args.dup_cache)?,
         delta_cache_bytes: size_arg("delta-cache", &args.delta_cache)?,
+        zstd_share: if args.zstd { 100 } else { 0 },
     };
     for (name, bytes) in [
         ("dup-cache", config.dup_cache_bytes),

@@ -23,6 +23,9 @@ pub struct CodecBenchConfig {
     pub dup_cache_bytes: u64,
     /// Delta-cache budget for the whole migration (split over the streams).
     pub delta_cache_bytes: u64,
+    /// Percentage of compressed page groups that use zstd instead of LZ4 (the encoder's
+    /// stronger mode for slow links).
+    pub zstd_share: u32,
 }
 
 impl Default for CodecBenchConfig {
@@ -32,6 +35,7 @@ impl Default for CodecBenchConfig {
             repeat: 3,
             dup_cache_bytes: pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES,
             delta_cache_bytes: pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES,
+            zstd_share: 0,
         }
     }
 }
@@ -210,6 +214,7 @@ fn run_codec(
             ec.delta_cache_bytes = per_stream(config.delta_cache_bytes);
             ec.digest_seed = 0x5eed ^ id as u64;
             let mut encoder = Encoder::new(ec).expect("valid encoder config");
+            encoder.set_zstd_share(config.zstd_share);
             for buf in std::mem::take(pool) {
                 encoder.recycle(buf);
             }

@@ -21,9 +21,9 @@ use crate::page::{
     ZERO_PAGE,
 };
 use crate::wire::{
-    self, FEATURE_DELTA, FEATURE_DUP_CACHE, FrameHeader, FrameKind, HEADER_LEN, HeaderError,
-    MAX_FRAME_BODY, MAX_FRAME_PAGES, MAX_GROUP_PAGES, MAX_RUN_PAGES, ReadError, Reader,
-    TRAILER_LEN, record,
+    self, FEATURE_DELTA, FEATURE_DUP_CACHE, FEATURE_ZSTD, FrameHeader, FrameKind, HEADER_LEN,
+    HeaderError, MAX_FRAME_BODY, MAX_FRAME_PAGES, MAX_GROUP_PAGES, MAX_RUN_PAGES, ReadError,
+    Reader, TRAILER_LEN, record,
 };
 
 /// An error returned by a [`PageSink`].
@@ -149,6 +149,9 @@ pub enum RecordProblem {
     /// LZ4 data that does not decompress to exactly the pages it claims.
     #[error("its LZ4 data is corrupt or does not make exactly the pages it claims")]
     BadLz4,
+    /// zstd data that does not decompress to exactly the pages it claims.
+    #[error("its zstd data is corrupt or does not make exactly the pages it claims")]
+    BadZstd,
     /// A duplicate of a cache slot that holds nothing.
     #[error("it refers to content-cache slot {slot}, which is empty")]
     EmptySlot {
@@ -351,12 +354,26 @@ enum State {
 pub struct Decoder {
     limits: DecoderLimits,
     state: State,
-    /// Decompression buffer: one LZ4 group, or one page.
-    scratch: Box<[u8; GROUP_BYTES]>,
+    /// Decompression buffers.
+    scratch: DecodeScratch,
     stats: DecoderStats,
 }
 
 const GROUP_BYTES: usize = MAX_GROUP_PAGES as usize * PAGE_SIZE;
+
+/// Where records are decompressed.
+struct DecodeScratch {
+    /// One group of pages, or one page.
+    pages: Box<[u8; GROUP_BYTES]>,
+    /// zstd's decompression context, made at the first zstd record.
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl std::fmt::Debug for DecodeScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DecodeScratch")
+    }
+}
 
 impl Decoder {
     /// A decoder waiting for a stream's Start frame.
@@ -364,7 +381,10 @@ impl Decoder {
         Self {
             limits,
             state: State::AwaitingStart,
-            scratch: Box::new([0; GROUP_BYTES]),
+            scratch: DecodeScratch {
+                pages: Box::new([0; GROUP_BYTES]),
+                zstd: None,
+            },
             stats: DecoderStats::default(),
         }
     }
@@ -669,6 +689,7 @@ enum Payload<'a> {
     Slot(u64),
     Delta(&'a [u8]),
     Lz4 { count: u64, data: &'a [u8] },
+    Zstd { count: u64, data: &'a [u8] },
     Raw(&'a Page),
 }
 
@@ -677,7 +698,7 @@ fn apply_records(
     stream: &mut Stream,
     header: &FrameHeader,
     body: &[u8],
-    scratch: &mut [u8; GROUP_BYTES],
+    scratch: &mut DecodeScratch,
     classes: &mut ClassCounts,
     sink: &mut impl PageSink,
 ) -> Result<u64, DecodeError> {
@@ -739,7 +760,7 @@ fn apply_record(
     header: &FrameHeader,
     r: &mut Reader<'_>,
     next_addr: Option<PageAddr>,
-    scratch: &mut [u8; GROUP_BYTES],
+    scratch: &mut DecodeScratch,
     classes: &mut ClassCounts,
     sink: &mut impl PageSink,
 ) -> Result<(PageAddr, u64), RecordFailure> {
@@ -759,10 +780,17 @@ fn apply_record(
     let admit_dup = tag & record::ADMIT_DUP != 0;
     let admit_delta = tag & record::ADMIT_DELTA != 0;
     let flags_ok = (!admit_dup
-        || (stream.dup.is_some() && matches!(kind, record::DELTA | record::LZ4 | record::RAW)))
+        || (stream.dup.is_some()
+            && matches!(
+                kind,
+                record::DELTA | record::LZ4 | record::ZSTD | record::RAW
+            )))
         && (!admit_delta
             || (stream.delta.is_some()
-                && matches!(kind, record::DUPLICATE | record::LZ4 | record::RAW)));
+                && matches!(
+                    kind,
+                    record::DUPLICATE | record::LZ4 | record::ZSTD | record::RAW
+                )));
     if !flags_ok {
         return Err(RecordProblem::FlagNotAllowed { tag }.into());
     }
@@ -785,11 +813,19 @@ fn apply_record(
             let data = compressed(r, count * PAGE_SIZE as u64)?;
             Payload::Lz4 { count, data }
         }
+        record::ZSTD if stream.features & FEATURE_ZSTD != 0 => {
+            let count = r.varint()?;
+            if count == 0 || count > u64::from(MAX_GROUP_PAGES) {
+                return Err(RecordProblem::BadGroupSize { count }.into());
+            }
+            let data = compressed(r, count * PAGE_SIZE as u64)?;
+            Payload::Zstd { count, data }
+        }
         record::RAW => Payload::Raw(r.bytes(PAGE_SIZE)?.try_into().expect("page-sized")),
         _ => return Err(RecordProblem::UnknownKind { tag, kind }.into()),
     };
     let count = match payload {
-        Payload::Run(count) | Payload::Lz4 { count, .. } => count,
+        Payload::Run(count) | Payload::Lz4 { count, .. } | Payload::Zstd { count, .. } => count,
         _ => 1,
     };
     if !stream.layout.contains_run(addr, count) {
@@ -826,14 +862,14 @@ fn apply_record(
             let empty = RecordProblem::EmptySlot { slot };
             let dup = stream.dup.as_mut().ok_or(empty.clone())?;
             let slot32 = u32::try_from(slot).map_err(|_| empty.clone())?;
-            let page = first_page(scratch);
+            let page = first_page(&mut scratch.pages);
             page.copy_from_slice(dup.get(slot32).ok_or(empty)?);
             dup.touch(slot32);
             apply_content(stream, addr, generation, page, false, admit_delta, sink)?;
             classes.add(PageClass::Duplicate, 1, record_bytes);
         }
         Payload::Delta(data) => {
-            let page = first_page(scratch);
+            let page = first_page(&mut scratch.pages);
             decompress_exact(data, page)?;
             let delta = stream
                 .delta
@@ -849,9 +885,24 @@ fn apply_record(
             apply_content(stream, addr, generation, page, admit_dup, false, sink)?;
             classes.add(PageClass::Delta, 1, record_bytes);
         }
-        Payload::Lz4 { count, data } => {
-            let pages = &mut scratch[..count as usize * PAGE_SIZE];
-            decompress_exact(data, pages)?;
+        Payload::Lz4 { count, data } | Payload::Zstd { count, data } => {
+            let pages = &mut scratch.pages[..count as usize * PAGE_SIZE];
+            let class = if matches!(payload, Payload::Zstd { .. }) {
+                let zstd = match &mut scratch.zstd {
+                    Some(z) => z,
+                    None => scratch.zstd.insert(
+                        zstd::bulk::Decompressor::new().map_err(|_| RecordProblem::BadZstd)?,
+                    ),
+                };
+                match zstd.decompress_to_buffer(data, pages) {
+                    Ok(n) if n == pages.len() => {}
+                    _ => return Err(RecordProblem::BadZstd.into()),
+                }
+                PageClass::Zstd
+            } else {
+                decompress_exact(data, pages)?;
+                PageClass::Lz4
+            };
             for (i, page) in pages.chunks_exact(PAGE_SIZE).enumerate() {
                 let page = page.try_into().expect("page-sized chunk");
                 apply_content(
@@ -864,7 +915,7 @@ fn apply_record(
                     sink,
                 )?;
             }
-            classes.add(PageClass::Lz4, count, record_bytes);
+            classes.add(class, count, record_bytes);
         }
         Payload::Raw(page) => {
             apply_content(stream, addr, generation, page, admit_dup, admit_delta, sink)?;

@@ -131,6 +131,8 @@ pub enum PageClass {
     Duplicate,
     /// XOR against the previous version of the same page, LZ4-compressed.
     Delta,
+    /// zstd compression of the page (with up to 15 neighbours), for slow links.
+    Zstd,
     /// LZ4 block compression of the page.
     Lz4,
     /// The page's bytes as they are.
@@ -139,11 +141,12 @@ pub enum PageClass {
 
 impl PageClass {
     /// Every class, in wire-cost order.
-    pub const ALL: [PageClass; 6] = [
+    pub const ALL: [PageClass; 7] = [
         PageClass::Zero,
         PageClass::Unchanged,
         PageClass::Duplicate,
         PageClass::Delta,
+        PageClass::Zstd,
         PageClass::Lz4,
         PageClass::Raw,
     ];
@@ -155,6 +158,7 @@ impl PageClass {
             PageClass::Unchanged => "unchanged",
             PageClass::Duplicate => "duplicate",
             PageClass::Delta => "delta",
+            PageClass::Zstd => "zstd",
             PageClass::Lz4 => "lz4",
             PageClass::Raw => "raw",
         }
@@ -174,8 +178,8 @@ impl fmt::Display for PageClass {
 /// Pages and wire bytes counted per [`PageClass`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClassCounts {
-    pages: [u64; 6],
-    wire_bytes: [u64; 6],
+    pages: [u64; PageClass::ALL.len()],
+    wire_bytes: [u64; PageClass::ALL.len()],
 }
 
 impl ClassCounts {
@@ -202,7 +206,7 @@ impl ClassCounts {
 
     /// Adds `other`'s counts to these.
     pub fn merge(&mut self, other: &ClassCounts) {
-        for i in 0..6 {
+        for i in 0..PageClass::ALL.len() {
             self.pages[i] += other.pages[i];
             self.wire_bytes[i] += other.wire_bytes[i];
         }

@@ -87,6 +87,7 @@ struct Scenario {
     shards: u32,
     sequential_runs: bool,
     lz4_share: u32,
+    zstd_share: u32,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -107,6 +108,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         1u32..5,
         any::<bool>(),
         prop_oneof![Just(100u32), 0u32..=100],
+        prop_oneof![Just(0u32), Just(100u32), 0u32..=100],
     )
         .prop_map(
             |(
@@ -118,6 +120,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 shards,
                 sequential_runs,
                 lz4_share,
+                zstd_share,
             )| {
                 Scenario {
                     writes: writes
@@ -136,6 +139,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     shards,
                     sequential_runs,
                     lz4_share,
+                    zstd_share,
                 }
             },
         )
@@ -160,6 +164,7 @@ fn encode(s: &Scenario) -> Encoded {
             config.digest_seed = u64::from(id) * 77;
             let mut encoder = Encoder::new(config).unwrap();
             encoder.set_lz4_share(s.lz4_share);
+            encoder.set_zstd_share(s.zstd_share);
             encoder.set_dup_admission(!s.lz4_share.is_multiple_of(3));
             encoder
         })
@@ -382,6 +387,57 @@ fn every_class_appears_and_round_trips() {
             "{class}"
         );
     }
+}
+
+#[test]
+fn zstd_groups_round_trip_smaller_than_lz4_and_only_where_declared() {
+    let layout = MemoryLayout::new(vec![256]).unwrap();
+    let pages: Vec<Page> = (0..256u64).map(|i| Content::Text(i as u8).page()).collect();
+    let wire = |allow_zstd: bool, zstd_share: u32| {
+        let mut config = EncoderConfig::new(0, layout.clone());
+        config.allow_zstd = allow_zstd;
+        config.dup_cache_bytes = 0;
+        let mut encoder = Encoder::new(config).unwrap();
+        encoder.set_zstd_share(zstd_share);
+        for (i, page) in pages.iter().enumerate() {
+            encoder.encode(PageAddr::new(0, i as u64), 0, page).unwrap();
+        }
+        encoder.finish().unwrap();
+        let mut image = MemoryImage::zeroed(layout.clone());
+        let mut decoder = Decoder::new(DecoderLimits::default());
+        let mut bytes = 0;
+        while let Some(frame) = encoder.pop_frame() {
+            bytes += frame.len();
+            decoder.decode(&frame, &mut image).unwrap();
+        }
+        assert!(decoder.is_complete());
+        for (i, page) in pages.iter().enumerate() {
+            assert!(image.page(PageAddr::new(0, i as u64)).unwrap() == page);
+        }
+        let classes = decoder.stats().classes;
+        assert_eq!(
+            classes.pages(PageClass::Zstd),
+            encoder.stats().classes.pages(PageClass::Zstd)
+        );
+        (
+            bytes,
+            classes.pages(PageClass::Zstd),
+            classes.pages(PageClass::Lz4),
+        )
+    };
+    let (lz4_bytes, zstd_pages, _) = wire(true, 0);
+    assert_eq!(zstd_pages, 0);
+    let (zstd_bytes, zstd_pages, lz4_pages) = wire(true, 100);
+    assert_eq!((zstd_pages, lz4_pages), (256, 0));
+    assert!(
+        zstd_bytes < lz4_bytes,
+        "zstd {zstd_bytes} vs LZ4 {lz4_bytes}"
+    );
+    let (_, half, _) = wire(true, 50);
+    assert_eq!(half, 128);
+    // Without the feature declared, the share asks for nothing.
+    let (_, zstd_pages, _) = wire(false, 100);
+    assert_eq!(zstd_pages, 0);
 }
 
 #[test]
