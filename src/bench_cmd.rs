@@ -70,8 +70,9 @@ pub struct TransportArgs {
     /// Runs of each side; figures are medians.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
-    /// How much to compress: adaptive (as much as pays on this link), or a fixed percentage of
-    /// the compressible pages (100: all, 0: none).
+    /// How much to compress: adaptive (as much as pays on this link), or a level: 0-100 the
+    /// percentage of page groups compressed with LZ4, 101-200 all of them with level-100
+    /// percent using zstd (200: all zstd).
     #[arg(long, default_value = "adaptive")]
     compression: String,
     /// Use blocking sockets instead of io_uring.
@@ -153,14 +154,21 @@ fn transport(args: TransportArgs) -> Result<()> {
     Ok(())
 }
 
-/// Parses `adaptive` or a percentage.
+/// Parses `adaptive` or a compression level (0 to 100: percentage of groups LZ4-compressed;
+/// up to 200: all compressed, `level - 100` percent of them with zstd).
 pub fn parse_compression(text: &str) -> Result<pagestream_transport::Compression> {
     if text == "adaptive" {
         return Ok(pagestream_transport::Compression::Adaptive);
     }
-    match text.trim_end_matches('%').parse::<u32>() {
-        Ok(p) if p <= 100 => Ok(pagestream_transport::Compression::Fixed(p)),
-        _ => bail!("--compression must be 'adaptive' or a percentage from 0 to 100, not '{text}'"),
+    match text.parse::<u32>() {
+        Ok(level) if level <= pagestream_transport::sender::MAX_COMPRESSION_LEVEL => {
+            Ok(pagestream_transport::Compression::Fixed(level))
+        }
+        _ => bail!(
+            "--compression must be 'adaptive' or a level from 0 to 200 (0-100: share of page \
+             groups compressed with LZ4; 101-200: all compressed, level-100 percent with zstd), \
+             not '{text}'"
+        ),
     }
 }
 
@@ -206,9 +214,9 @@ fn print_report(r: &TransportBenchReport) {
         .map(|(name, c)| format!("{name} {:.1}%", 100.0 * c.pages as f64 / r.pages as f64))
         .collect();
     println!(
-        "pages: {}; LZ4 share at the end {:?}%",
+        "pages: {}; compression level at the end, per channel: {:?} (0-100 LZ4 %, 101-200 zstd)",
         parts.join(", "),
-        r.lz4_share
+        r.compression_level
     );
 }
 

@@ -30,8 +30,9 @@ pub struct DemoArgs {
     /// destination). Default: one per CPU, at least 2.
     #[arg(long)]
     channels: Option<u16>,
-    /// How much to compress: adaptive (as much as pays on this link), or a percentage of the
-    /// compressible pages (100: all, 0: none).
+    /// How much to compress: adaptive (as much as pays on this link), or a level: 0-100 the
+    /// percentage of page groups compressed with LZ4, 101-200 all of them with level-100
+    /// percent using zstd (200: all zstd).
     #[arg(long, default_value = "adaptive")]
     compression: String,
 }
@@ -199,7 +200,12 @@ fn migrate(
         }
     }
     let summary = sender.finish()?;
-    let shares = summary.stats.channels.iter().map(|c| c.lz4_share).collect();
+    let shares = summary
+        .stats
+        .channels
+        .iter()
+        .map(|c| c.compression_level)
+        .collect();
     Ok(Migrated { passes, shares })
 }
 

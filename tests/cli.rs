@@ -264,7 +264,7 @@ fn bench_transport_rejects_bad_links() {
             "out of range",
         ),
         (
-            &["bench", "transport", "--compression", "150"][..],
+            &["bench", "transport", "--compression", "201"][..],
             "--compression",
         ),
     ] {

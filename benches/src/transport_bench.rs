@@ -133,7 +133,7 @@ pub struct TransportBenchReport {
     /// Pages by class, from the median run.
     pub classes: BTreeMap<&'static str, ClassShare>,
     /// Share of LZ4 groups compressed at the end, per channel, percent (median run).
-    pub lz4_share: Vec<u64>,
+    pub compression_level: Vec<u64>,
     /// Runs per side.
     pub repeat: u32,
     /// The machine.
@@ -252,7 +252,7 @@ struct TransportRun {
     secs: f64,
     wire_bytes: u64,
     classes: pagecodec::ClassCounts,
-    lz4_share: Vec<u64>,
+    compression_level: Vec<u64>,
     backend: &'static str,
 }
 
@@ -339,7 +339,12 @@ fn transport_run(
             secs,
             wire_bytes: summary.stats.wire_bytes(),
             classes: summary.stats.classes,
-            lz4_share: summary.stats.channels.iter().map(|c| c.lz4_share).collect(),
+            compression_level: summary
+                .stats
+                .channels
+                .iter()
+                .map(|c| c.compression_level)
+                .collect(),
             backend: summary.backend,
         })
     })
@@ -439,7 +444,7 @@ pub fn run(
                 )
             })
             .collect(),
-        lz4_share: median.lz4_share.clone(),
+        compression_level: median.compression_level.clone(),
         repeat,
         machine: crate::machine::describe(),
     })

@@ -17,7 +17,8 @@ use crate::control::{AcceptLimits, Hello, Message, MessageReader, PROTOCOL_VERSI
 use crate::error::TransportError;
 use crate::failure::{Failure, SharedWriter};
 use crate::net::{
-    Acceptor, ControlConn, Incoming, Log, read_message, stderr_log, timeout_error, write_message,
+    Acceptor, ControlConn, Incoming, Killer, Log, read_message, stderr_log, timeout_error,
+    write_message,
 };
 use crate::stats::{SessionStats, StatsSnapshot};
 
@@ -32,6 +33,10 @@ pub struct ReceiverConfig {
     pub max_cache_bytes: u64,
     /// Where log lines go.
     pub log: Log,
+    /// Called once when the session ends, failed or finished, before the channel threads are
+    /// joined: a sink that waits on the application (for room in a bounded queue, say) must
+    /// stop waiting then, or the session cannot end.
+    pub on_end: Option<Killer>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -50,6 +55,7 @@ impl Default for ReceiverConfig {
             limits: AcceptLimits::default(),
             max_cache_bytes: 1 << 30,
             log: stderr_log(),
+            on_end: None,
         }
     }
 }
@@ -218,6 +224,9 @@ impl PendingSession {
         let writer: SharedWriter = Arc::new(Mutex::new(control.writer));
         let failure = Failure::new(writer.clone(), log.clone());
         failure.add_killer(control.killer);
+        if let Some(on_end) = &config.on_end {
+            failure.add_killer(on_end.clone());
+        }
 
         let readers = match accept_channels(acceptor, &hello, &config, &failure) {
             Ok(readers) => readers,

@@ -34,11 +34,25 @@ pub const BATCH_PAGES: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
     /// As much as pays: more while the link is the bottleneck, less while the encoders or the
-    /// destination are (see `next_share`).
+    /// destination are (see `next_level`).
     Adaptive,
-    /// This percentage of LZ4 groups, always (100: everything; 0: raw pages, with zero,
-    /// unchanged and duplicate detection still on).
+    /// This compression level, always: 0 to 100 is the percentage of page groups compressed
+    /// with LZ4 (0: raw pages, with zero, unchanged and duplicate detection still on); 101 to
+    /// 200 compresses every group and `level - 100` percent of them with zstd instead (200:
+    /// all zstd, for the slowest links).
     Fixed(u32),
+}
+
+/// The highest compression level: every group with zstd.
+pub const MAX_COMPRESSION_LEVEL: u32 = 200;
+
+/// Sets an encoder to compression `level` (see [`Compression::Fixed`]).
+fn apply_level(encoder: &mut Encoder, level: u32) {
+    encoder.set_lz4_share(level.min(100));
+    encoder.set_zstd_share(level.saturating_sub(100));
+    // At no compression, caching content for duplicates costs more than it saves: stop copying
+    // pages into the cache.
+    encoder.set_dup_admission(level > 0);
 }
 
 /// A sensible channel count for this machine: one per CPU, at least 2, at most 8.
@@ -268,12 +282,16 @@ impl Sender {
                 events: events_tx.clone(),
                 stats: stats.clone(),
                 adaptive: config.compression == Compression::Adaptive,
-                busy_streak: 0,
-                fixed_share: match config.compression {
-                    Compression::Fixed(share) => Some(share.min(100)),
-                    Compression::Adaptive => None,
+                window: Window::new(),
+                // Adaptive sessions start raw: a full link shows within a few batches and
+                // raises the level, while a fast link never pays for compression it does not
+                // need.
+                level: match config.compression {
+                    Compression::Fixed(level) => level.min(MAX_COMPRESSION_LEVEL),
+                    Compression::Adaptive => 0,
                 },
                 receiver_busy: receiver_busy.clone(),
+                backlog_full: writer_queue / 2,
             };
             let failure = failure.clone();
             threads.push(
@@ -720,57 +738,120 @@ struct Worker {
     events: ChannelSender<WorkerEvent>,
     stats: Arc<SessionStats>,
     adaptive: bool,
-    fixed_share: Option<u32>,
-    busy_streak: u32,
+    /// Current compression level (see [`Compression::Fixed`]).
+    level: u32,
+    window: Window,
     /// Busy share of the destination's decoders, per channel, from its feedback.
     receiver_busy: Arc<Vec<AtomicU32>>,
+    /// Backlog that shows a full link: half the writer's queue.
+    backlog_full: usize,
 }
 
-/// Backlog (bytes the peer has not taken yet) above which the far side is the bottleneck: a
-/// full link fills the writer's queue and the socket buffer, several MiB.
-const BACKLOG_BUSY: usize = 2 << 20;
-/// Backlog below which the far side waits for us: at most about the frame being sent (a frame
-/// is 256 KiB and more).
-const BACKLOG_IDLE: usize = 768 << 10;
 /// Decoder busy share (thousandths) above which the destination, not the link, holds us back.
 const RECEIVER_BUSY: u32 = 600;
-/// Step of the compressed share, in percent.
-const SHARE_STEP: u32 = 25;
-/// Batches in a row that must find the link full before compression goes up.
-const BUSY_CONFIRM: u32 = 4;
-/// Receiver busy share before the destination's first feedback. Until then a backlog proves
+/// Step of the compression level.
+const LEVEL_STEP: u32 = 25;
+/// Time per decision. A worker runs in bursts (a batch queue drained in a millisecond, then a
+/// wait for the link or for the caller), so a window must span several of them to measure the
+/// share of time blocked rather than one burst's phase.
+const WINDOW: Duration = Duration::from_millis(20);
+/// Share of a window (thousandths) the worker spent waiting for the link above which the link
+/// is the bottleneck.
+const LINK_BOUND: u32 = 250;
+/// Share below which the link waits for this worker (or the worker for its caller).
+const LINK_IDLE: u32 = 50;
+/// Receiver busy share before the destination's first feedback. Until then a full link proves
 /// nothing (the destination may still be starting its decoders), so compression does not go up.
 const NO_FEEDBACK: u32 = u32::MAX;
 
-/// The compressed share for the next batch.
+/// What a window showed of the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkState {
+    /// The link takes bytes slower than this worker makes them.
+    Full,
+    /// The link waits for this worker (or the worker for its caller).
+    Waiting,
+    /// Neither clearly.
+    Unclear,
+}
+
+/// Reads the link's state from a window: the share of it the worker spent blocked on the link
+/// (submitting frames to a full writer queue, or flushing it), and the backlog at its end
+/// (bytes the peer has not taken yet: in the writer's queue and the socket's).
+///
+/// Either shows a full link on its own. Blocking shows it where the buffers are small, so the
+/// queue fills at once; the backlog shows it where the worker is starved of CPU (both ends and
+/// the VMM on a few cores), so it is seldom blocked, yet what it made waits.
+fn link_state(blocked_permille: u32, backlog: usize, backlog_full: usize) -> LinkState {
+    if blocked_permille > LINK_BOUND || backlog >= backlog_full {
+        LinkState::Full
+    } else if blocked_permille < LINK_IDLE && backlog < backlog_full / 4 {
+        LinkState::Waiting
+    } else {
+        LinkState::Unclear
+    }
+}
+
+/// The compression level for the next window.
 ///
 /// Compression pays only while the link is the bottleneck. Where the bottleneck is shows in two
-/// measurements: this channel's backlog (bytes the destination has not taken yet: in the
-/// writer's queue and the socket's) and the busy share of the destination's decoder for this
-/// channel, which it reports every 100 ms. A backlog with an idle decoder means the link is
-/// full: compress more. No backlog means the link waits for this worker: compress less. A
-/// backlog with a busy decoder means the destination's CPU is the limit, and raw pages cost it
-/// less than compressed ones: compress less.
-///
-/// A full link keeps its backlog, while a backlog from a moment of scheduling noise (the
-/// destination's thread descheduled for a few milliseconds) does not: so compression goes up
-/// only after [`BUSY_CONFIRM`] batches in a row found the link full, and down at once.
-fn next_share(share: u32, backlog: usize, receiver_busy: u32, busy_streak: &mut u32) -> u32 {
-    if backlog > BACKLOG_BUSY && receiver_busy < RECEIVER_BUSY && receiver_busy != NO_FEEDBACK {
-        *busy_streak += 1;
-        if *busy_streak >= BUSY_CONFIRM {
-            *busy_streak = 0;
-            return (share + SHARE_STEP).min(100);
+/// measurements: the state of the link over the last window (see [`link_state`]), and the busy
+/// share of the destination's decoder for this channel, which it reports every 50 ms. A full
+/// link with an idle decoder: compress more. A link that waits for this worker: compress less.
+/// A busy decoder means the destination's CPU is the limit, and raw pages cost it less than
+/// compressed ones: compress less. Past 100 the level swaps LZ4 for zstd, group by group: a
+/// link that stays full with every group LZ4-compressed is slower than zstd too. The level
+/// settles where compressing takes about as long as sending, which keeps the link full with
+/// the fewest bytes.
+fn next_level(level: u32, link: LinkState, receiver_busy: u32) -> u32 {
+    let destination_busy = receiver_busy >= RECEIVER_BUSY && receiver_busy != NO_FEEDBACK;
+    match link {
+        _ if destination_busy => level.saturating_sub(LEVEL_STEP),
+        LinkState::Waiting => level.saturating_sub(LEVEL_STEP),
+        LinkState::Full if receiver_busy != NO_FEEDBACK => {
+            (level + LEVEL_STEP).min(MAX_COMPRESSION_LEVEL)
         }
-        share
-    } else {
-        *busy_streak = 0;
-        let destination_busy = receiver_busy >= RECEIVER_BUSY && receiver_busy != NO_FEEDBACK;
-        if backlog < BACKLOG_IDLE || destination_busy {
-            share.saturating_sub(SHARE_STEP)
-        } else {
-            share
+        _ => level,
+    }
+}
+
+/// Time a worker spent blocked on the link over its current window.
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    blocked: Duration,
+    /// Time spent waiting for the caller's pages.
+    idle: Duration,
+    /// Page bytes encoded.
+    raw: u64,
+    /// Frame bytes handed to the link.
+    wire: u64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            blocked: Duration::ZERO,
+            idle: Duration::ZERO,
+            raw: 0,
+            wire: 0,
         }
+    }
+
+    /// Whether the link drains slowly enough for more compression to pay: at most a quarter of the
+    /// pace at which this worker encodes at its current level. Compressing more slows the
+    /// encoder down; on a link nearly as fast as the encoder, it makes the encoder the
+    /// bottleneck (and where both ends share the CPUs, the destination too). Blocking and
+    /// backlog alone cannot tell: on a machine short of CPU both show on fast links as well.
+    fn compression_can_pay(&self, wall: Duration) -> bool {
+        let working = wall.saturating_sub(self.blocked + self.idle).as_secs_f64();
+        if working <= 0.0 || self.raw == 0 {
+            return true;
+        }
+        let encode_rate = self.raw as f64 / working;
+        let link_rate = self.wire as f64 / wall.as_secs_f64().max(1e-9);
+        link_rate * 4.0 < encode_rate
     }
 }
 
@@ -778,23 +859,25 @@ impl Worker {
     fn run(mut self) -> Result<(), TransportError> {
         let channel = self.channel;
         let mut spare = Vec::new();
-        // Adaptive sessions start raw: a full link shows within a few batches and raises the
-        // share, while a fast link never has to pay for compression it does not need.
-        let share = self.fixed_share.unwrap_or(0);
-        self.encoder.set_lz4_share(share);
-        self.encoder.set_dup_admission(share > 0);
+        apply_level(&mut self.encoder, self.level);
         self.send_frames()?;
         self.stats
-            .set_lz4_share(usize::from(channel), self.encoder.lz4_share());
+            .set_compression_level(usize::from(channel), self.level);
         loop {
             let work = match self.work.try_recv() {
                 Ok(work) => work,
                 Err(_) => {
                     // Nothing to encode: finish sending what is queued, then wait for work.
+                    // Time spent here waits on the link as much as a full queue does.
+                    let waiting = Instant::now();
                     self.writer
                         .flush()
                         .map_err(|source| TransportError::Channel { channel, source })?;
-                    match self.work.recv() {
+                    self.window.blocked += waiting.elapsed();
+                    let waiting = Instant::now();
+                    let work = self.work.recv();
+                    self.window.idle += waiting.elapsed();
+                    match work {
                         Ok(work) => work,
                         Err(_) => return Ok(()),
                     }
@@ -819,6 +902,7 @@ impl Worker {
                     }
                     self.stats
                         .pages(usize::from(channel), batch.addrs.len() as u64);
+                    self.window.raw += (batch.addrs.len() * PAGE_SIZE) as u64;
                     self.stats
                         .set_classes(usize::from(channel), self.encoder.stats().classes);
                     self.writer.reclaim(&mut spare);
@@ -833,9 +917,11 @@ impl Worker {
                 Work::Barrier(id) => {
                     self.encoder.flush();
                     self.send_frames()?;
+                    let waiting = Instant::now();
                     self.writer
                         .flush()
                         .map_err(|source| TransportError::Channel { channel, source })?;
+                    self.window.blocked += waiting.elapsed();
                     let frames = self.encoder.stats().frames;
                     let _ = self.events.send(WorkerEvent::Barrier {
                         channel,
@@ -864,14 +950,22 @@ impl Worker {
     fn adapt(&mut self) {
         let channel = usize::from(self.channel);
         let busy = self.receiver_busy[channel].load(Ordering::Relaxed);
-        let share = self.encoder.lz4_share();
-        let next = next_share(share, self.writer.backlog(), busy, &mut self.busy_streak);
-        if next != share {
-            self.encoder.set_lz4_share(next);
-            // At no compression, caching content for duplicates costs more than it saves: stop
-            // copying pages into the cache.
-            self.encoder.set_dup_admission(next > 0);
-            self.stats.set_lz4_share(channel, next);
+        let wall = self.window.started.elapsed();
+        if wall < WINDOW {
+            return;
+        }
+        let blocked =
+            (self.window.blocked.as_nanos() * 1000 / wall.as_nanos().max(1)).min(1000) as u32;
+        let mut link = link_state(blocked, self.writer.backlog(), self.backlog_full);
+        if link == LinkState::Full && !self.window.compression_can_pay(wall) {
+            link = LinkState::Unclear;
+        }
+        self.window = Window::new();
+        let next = next_level(self.level, link, busy);
+        if next != self.level {
+            self.level = next;
+            apply_level(&mut self.encoder, next);
+            self.stats.set_compression_level(channel, next);
         }
     }
 
@@ -879,12 +973,15 @@ impl Worker {
     fn send_frames(&mut self) -> Result<(), TransportError> {
         while let Some(frame) = self.encoder.pop_frame() {
             self.stats.frame(usize::from(self.channel), frame.len());
+            self.window.wire += frame.len() as u64;
+            let waiting = Instant::now();
             self.writer
                 .submit(frame)
                 .map_err(|source| TransportError::Channel {
                     channel: self.channel,
                     source,
                 })?;
+            self.window.blocked += waiting.elapsed();
         }
         Ok(())
     }
@@ -896,25 +993,66 @@ mod tests {
 
     #[test]
     fn compression_follows_the_bottleneck() {
-        let mut streak = 0;
-        // Link full, destination idle: compress more, once it has stayed full for a while.
-        for _ in 1..BUSY_CONFIRM {
-            assert_eq!(next_share(50, 4 << 20, 100, &mut streak), 50);
-        }
-        assert_eq!(next_share(50, 4 << 20, 100, &mut streak), 75);
-        let mut streak = BUSY_CONFIRM;
-        assert_eq!(next_share(100, 4 << 20, 100, &mut streak), 100);
-        // Nothing waiting: compress less, at once.
-        let mut streak = 2;
-        assert_eq!(next_share(50, 0, 100, &mut streak), 25);
-        assert_eq!(streak, 0);
-        assert_eq!(next_share(0, 0, 0, &mut streak), 0);
-        // Backlog, but the destination is busy decoding: compress less.
-        assert_eq!(next_share(50, 4 << 20, 900, &mut streak), 25);
-        // Backlog before the destination said anything: hold, never raise.
-        let mut streak = BUSY_CONFIRM;
-        assert_eq!(next_share(50, 4 << 20, NO_FEEDBACK, &mut streak), 50);
+        use LinkState::*;
+        // Link full, destination idle: compress more, past LZ4 on to zstd, up to all of it.
+        assert_eq!(next_level(50, Full, 100), 75);
+        assert_eq!(next_level(100, Full, 100), 125);
+        assert_eq!(next_level(200, Full, 100), 200);
+        // The link waits for us: compress less.
+        assert_eq!(next_level(150, Waiting, 100), 125);
+        assert_eq!(next_level(0, Waiting, 0), 0);
+        // Link full, but the destination is busy decoding: compress less.
+        assert_eq!(next_level(50, Full, 900), 25);
+        // Link full before the destination said anything: hold, never raise.
+        assert_eq!(next_level(50, Full, NO_FEEDBACK), 50);
         // In between: hold.
-        assert_eq!(next_share(50, 1 << 20, 100, &mut streak), 50);
+        assert_eq!(next_level(50, Unclear, 100), 50);
+    }
+
+    #[test]
+    fn compression_pays_only_on_links_much_slower_than_the_encoder() {
+        let wall = Duration::from_millis(20);
+        let mut window = Window::new();
+        // Encoding 20 MB in 10 ms of work (2 GB/s) while the link took 2 MB in 20 ms (100 MB/s).
+        window.blocked = Duration::from_millis(10);
+        window.raw = 20_000_000;
+        window.wire = 2_000_000;
+        assert!(window.compression_can_pay(wall));
+        // The link took 12 MB in the same time (600 MB/s): more compression would not pay.
+        window.wire = 12_000_000;
+        assert!(!window.compression_can_pay(wall));
+    }
+
+    #[test]
+    fn a_full_link_shows_in_blocking_or_in_the_backlog() {
+        let full = 1 << 20;
+        // Blocked most of the window, little queued (small buffers).
+        assert_eq!(link_state(600, 100 << 10, full), LinkState::Full);
+        // Hardly blocked, but a deep backlog (a worker short of CPU).
+        assert_eq!(link_state(5, 2 << 20, full), LinkState::Full);
+        // Neither blocked nor queued: the link waits.
+        assert_eq!(link_state(10, 64 << 10, full), LinkState::Waiting);
+        // Some of each: unclear.
+        assert_eq!(link_state(100, 512 << 10, full), LinkState::Unclear);
+    }
+
+    #[test]
+    fn levels_set_both_shares() {
+        let layout = pagecodec::MemoryLayout::new(vec![16]).unwrap();
+        let mut encoder = Encoder::new(pagecodec::EncoderConfig::new(0, layout)).unwrap();
+        for (level, lz4, zstd) in [
+            (0, 0, 0),
+            (60, 60, 0),
+            (100, 100, 0),
+            (150, 100, 50),
+            (200, 100, 100),
+        ] {
+            apply_level(&mut encoder, level);
+            assert_eq!(
+                (encoder.lz4_share(), encoder.zstd_share()),
+                (lz4, zstd),
+                "level {level}"
+            );
+        }
     }
 }

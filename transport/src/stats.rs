@@ -14,7 +14,7 @@ struct ChannelCounters {
     frames: AtomicU64,
     wire_bytes: AtomicU64,
     pages: AtomicU64,
-    lz4_share: AtomicU64,
+    compression_level: AtomicU64,
 }
 
 /// One channel's totals.
@@ -26,8 +26,10 @@ pub struct ChannelStats {
     pub wire_bytes: u64,
     /// Pages they carried.
     pub pages: u64,
-    /// Share of LZ4 groups the encoder compresses, in percent (source side).
-    pub lz4_share: u64,
+    /// The encoder's compression level (source side): 0 to 100, the percentage of page groups
+    /// compressed with LZ4; 101 to 200, all of them compressed and `level - 100` percent of
+    /// those with zstd instead.
+    pub compression_level: u64,
 }
 
 /// Throughput history point.
@@ -116,11 +118,11 @@ impl SessionStats {
         *self.classes[channel].lock().expect("not poisoned") = classes;
     }
 
-    /// Records the compression share a channel's encoder uses.
-    pub fn set_lz4_share(&self, channel: usize, percent: u32) {
+    /// Records the compression level a channel's encoder uses.
+    pub fn set_compression_level(&self, channel: usize, level: u32) {
         self.channels[channel]
-            .lz4_share
-            .store(u64::from(percent), Ordering::Relaxed);
+            .compression_level
+            .store(u64::from(level), Ordering::Relaxed);
     }
 
     /// The counters now.
@@ -138,7 +140,7 @@ impl SessionStats {
                     frames: c.frames.load(Ordering::Relaxed),
                     wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
                     pages: c.pages.load(Ordering::Relaxed),
-                    lz4_share: c.lz4_share.load(Ordering::Relaxed),
+                    compression_level: c.compression_level.load(Ordering::Relaxed),
                 })
                 .collect(),
             classes,
