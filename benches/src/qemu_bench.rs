@@ -282,6 +282,18 @@ fn run_method(
         std::thread::sleep(Duration::from_millis(50));
     }
     let tx_after = pair.src_tx_bytes()?;
+    // QEMU 7.2 reports "completed" a moment before it computes total-time (it shows 0 until
+    // then): ask again until the figure is there.
+    for _ in 0..50 {
+        if info["status"] != "completed" || info["total-time"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        info = src
+            .qmp
+            .execute("query-migrate", json!({}))
+            .map_err(|e| e.to_string())?;
+    }
     let status = info["status"].as_str().unwrap_or("").to_string();
     let converged = status == "completed";
     let mut note = None;
@@ -321,7 +333,10 @@ fn run_method(
         method,
         converged,
         status,
-        total_s: converged.then(|| info["total-time"].as_f64().unwrap_or(0.0) / 1e3),
+        total_s: info["total-time"]
+            .as_f64()
+            .filter(|&t| converged && t > 0.0)
+            .map(|t| t / 1e3),
         downtime_ms,
         qemu_downtime_ms: info["downtime"].as_f64(),
         wire_bytes: tx_after.saturating_sub(tx_before),
