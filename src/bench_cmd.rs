@@ -38,9 +38,13 @@ pub struct QemuArgs {
     /// Seconds after which a migration counts as not converging (and is cancelled).
     #[arg(long, default_value_t = 60)]
     time_limit: u64,
-    /// Methods to run, comma-separated: native, multifd-zstd, xbzrle, shim.
+    /// Methods to run, comma-separated: native, multifd-zstd, xbzrle, shim (parsing mode),
+    /// shim-opaque.
     #[arg(long, default_value = "native,multifd-zstd,xbzrle,shim")]
     methods: String,
+    /// Print the shims' log lines (progress, summaries with pages by class) to stderr.
+    #[arg(long)]
+    shim_log: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -237,7 +241,8 @@ fn qemu(args: QemuArgs) -> Result<()> {
                 .find(|m| m.name() == name.trim())
                 .ok_or_else(|| {
                     anyhow::anyhow!(
-                        "unknown method '{name}' (known: native, multifd-zstd, xbzrle, shim)"
+                        "unknown method '{name}' (known: native, multifd-zstd, xbzrle, shim, \
+                         shim-opaque)"
                     )
                 })
         })
@@ -249,6 +254,7 @@ fn qemu(args: QemuArgs) -> Result<()> {
         dirty_rate: args.dirty_rate,
         time_limit: std::time::Duration::from_secs(args.time_limit),
         methods,
+        shim_log: args.shim_log,
     };
     let workspace = std::env::current_dir()?;
     let spinner = progress::spinner("benchmarking");

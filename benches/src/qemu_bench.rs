@@ -97,6 +97,8 @@ pub struct QemuBenchConfig {
     pub time_limit: Duration,
     /// Methods to run.
     pub methods: Vec<Method>,
+    /// Print the shims' log lines (progress and summaries, with pages by class) to stderr.
+    pub shim_log: bool,
 }
 
 /// One method's figures.
@@ -194,7 +196,11 @@ fn run_method(
     dst.migrate_incoming(&incoming).map_err(err)?;
 
     // The shims, each in its host's namespace.
-    let quiet: pagestream_transport::net::Log = Arc::new(|_| {});
+    let quiet: pagestream_transport::net::Log = if config.shim_log {
+        pagestream_transport::net::stderr_log()
+    } else {
+        Arc::new(|_| {})
+    };
     let mut shims = Vec::new();
     if shim {
         let (addr, dst_ns, quiet2) = (pair.dst_addr, pair.dst_ns().to_string(), quiet.clone());

@@ -51,6 +51,14 @@ pub trait PageSink {
         let _ = (addr, generation);
         Ok(())
     }
+
+    /// Time this sink spent waiting for room further on (a bounded queue towards the
+    /// application) since the last call, as measured by the sink. It is not decoding work: a
+    /// transport that reports how busy its decoders are counts it as waiting. The default has
+    /// none.
+    fn take_stalled(&mut self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// Limits a decoder enforces on what a stream may make it allocate or do.

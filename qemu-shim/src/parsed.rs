@@ -29,7 +29,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use pagecodec::{
@@ -606,12 +606,14 @@ impl Staging {
     /// Stores a page from `channel`; waits for room while the staging is full and the page
     /// belongs to a pass that may not be written yet. Pages that may be written never wait, so
     /// the pass the writer needs always gets through.
+    /// Adds the time it waited to `stalled`.
     fn push(
         &self,
         channel: usize,
         addr: PageAddr,
         generation: Generation,
         page: Option<&Page>,
+        stalled: &mut Duration,
     ) -> Result<(), SinkError> {
         let mut state = self.state.lock().expect("not poisoned");
         loop {
@@ -623,7 +625,9 @@ impl Staging {
                 break;
             }
             state.channels_waiting += 1;
+            let waiting = Instant::now();
             state = self.room.wait(state).expect("not poisoned");
+            *stalled += waiting.elapsed();
             state.channels_waiting -= 1;
         }
         let bucket = state.buckets[channel].entry(generation).or_default();
@@ -729,11 +733,14 @@ impl Staging {
 struct StagingSink {
     staging: Arc<Staging>,
     channel: usize,
+    /// Time spent waiting for room, not yet reported.
+    stalled: Duration,
 }
 
 impl PageSink for StagingSink {
     fn zero(&mut self, addr: PageAddr, generation: Generation) -> Result<(), SinkError> {
-        self.staging.push(self.channel, addr, generation, None)
+        self.staging
+            .push(self.channel, addr, generation, None, &mut self.stalled)
     }
 
     fn data(
@@ -742,8 +749,17 @@ impl PageSink for StagingSink {
         generation: Generation,
         page: &Page,
     ) -> Result<(), SinkError> {
-        self.staging
-            .push(self.channel, addr, generation, Some(page))
+        self.staging.push(
+            self.channel,
+            addr,
+            generation,
+            Some(page),
+            &mut self.stalled,
+        )
+    }
+
+    fn take_stalled(&mut self) -> Duration {
+        std::mem::take(&mut self.stalled)
     }
 }
 
@@ -909,6 +925,7 @@ pub(crate) fn destination_main(
         .map(|channel| StagingSink {
             staging: staging.clone(),
             channel,
+            stalled: Duration::ZERO,
         })
         .collect();
     let mut rebuild = Rebuild {
@@ -1054,10 +1071,16 @@ mod tests {
         let page = [7u8; PAGE_SIZE];
         // Pass 0's pages, then a blob tagged 1 (pass 0 ended), then pass 1's pages, which
         // arrive before the blob that releases them.
-        staging.push(0, addr(1), 0, Some(&page)).unwrap();
-        staging.push(1, addr(2), 0, None).unwrap();
+        staging
+            .push(0, addr(1), 0, Some(&page), &mut Duration::default())
+            .unwrap();
+        staging
+            .push(1, addr(2), 0, None, &mut Duration::default())
+            .unwrap();
         staging.blob(1, vec![BLOB_BYTES, 1]);
-        staging.push(0, addr(3), 1, Some(&page)).unwrap();
+        staging
+            .push(0, addr(3), 1, Some(&page), &mut Duration::default())
+            .unwrap();
         // The blob comes with the pages before it, not with pass 1's.
         match staging.next() {
             WriterWork::Blob { pages, tag, .. } => {
@@ -1077,7 +1100,9 @@ mod tests {
         staging.written_through(1);
         assert_eq!(pages_of(staging.next()), [3]);
         // Pages of a released pass go to the writer as they come.
-        staging.push(1, addr(4), 1, Some(&page)).unwrap();
+        staging
+            .push(1, addr(4), 1, Some(&page), &mut Duration::default())
+            .unwrap();
         assert_eq!(pages_of(staging.next()), [4]);
         staging.finish();
         assert_eq!(pages_of(staging.next()), [u64::MAX]);
@@ -1092,13 +1117,19 @@ mod tests {
         let page = [1u8; PAGE_SIZE];
         let future_pages = STAGED_LIMIT / PAGE_SIZE;
         for i in 0..future_pages as u64 {
-            staging.push(0, addr(i), 1, Some(&page)).unwrap();
+            staging
+                .push(0, addr(i), 1, Some(&page), &mut Duration::default())
+                .unwrap();
         }
         // Full: a page of the released pass 0 still gets in; one of pass 1 waits.
-        staging.push(0, addr(0), 0, Some(&page)).unwrap();
+        staging
+            .push(0, addr(0), 0, Some(&page), &mut Duration::default())
+            .unwrap();
         let waiting = {
             let staging = staging.clone();
-            std::thread::spawn(move || staging.push(0, addr(9), 1, Some(&page)))
+            std::thread::spawn(move || {
+                staging.push(0, addr(9), 1, Some(&page), &mut Duration::default())
+            })
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
@@ -1118,11 +1149,15 @@ mod tests {
         staging.set_channels(1);
         let page = [1u8; PAGE_SIZE];
         for i in 0..(STAGED_LIMIT / PAGE_SIZE) as u64 {
-            staging.push(0, addr(i), 0, Some(&page)).unwrap();
+            staging
+                .push(0, addr(i), 0, Some(&page), &mut Duration::default())
+                .unwrap();
         }
         let waiting = {
             let staging = staging.clone();
-            std::thread::spawn(move || staging.push(0, addr(0), 0, Some(&page)))
+            std::thread::spawn(move || {
+                staging.push(0, addr(0), 0, Some(&page), &mut Duration::default())
+            })
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());

@@ -179,11 +179,12 @@ impl Summary {
         );
         if let Some(classes) = &self.pages {
             text.push_str(&format!(
-                "\n  pages: {} zero, {} unchanged, {} duplicate, {} delta, {} LZ4, {} raw",
+                "\n  pages: {} zero, {} unchanged, {} duplicate, {} delta, {} zstd, {} LZ4, {} raw",
                 classes.pages(PageClass::Zero),
                 classes.pages(PageClass::Unchanged),
                 classes.pages(PageClass::Duplicate),
                 classes.pages(PageClass::Delta),
+                classes.pages(PageClass::Zstd),
                 classes.pages(PageClass::Lz4),
                 classes.pages(PageClass::Raw),
             ));

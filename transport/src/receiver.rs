@@ -418,6 +418,10 @@ fn receive_channel(
                 channel: index,
                 source,
             })?;
+        // Time the sink waited for the application counts as waiting, not decoding: the
+        // source must not take backpressure from the application for a busy decoder.
+        progress.wait_nanos[channel]
+            .fetch_add(sink.take_stalled().as_nanos() as u64, Ordering::Relaxed);
         frames += 1;
         stats.frame(channel, frame.len());
         if info.pages > 0 {

@@ -292,6 +292,7 @@ impl Sender {
                 },
                 receiver_busy: receiver_busy.clone(),
                 backlog_full: writer_queue / 2,
+                previous_link: LinkState::Unclear,
             };
             let failure = failure.clone();
             threads.push(
@@ -745,6 +746,8 @@ struct Worker {
     receiver_busy: Arc<Vec<AtomicU32>>,
     /// Backlog that shows a full link: half the writer's queue.
     backlog_full: usize,
+    /// What the last window showed.
+    previous_link: LinkState,
 }
 
 /// Decoder busy share (thousandths) above which the destination, not the link, holds us back.
@@ -758,6 +761,8 @@ const WINDOW: Duration = Duration::from_millis(20);
 /// Share of a window (thousandths) the worker spent waiting for the link above which the link
 /// is the bottleneck.
 const LINK_BOUND: u32 = 250;
+/// Share above which the link is saturated: compression goes up faster.
+const LINK_SATURATED: u32 = 500;
 /// Share below which the link waits for this worker (or the worker for its caller).
 const LINK_IDLE: u32 = 50;
 /// Receiver busy share before the destination's first feedback. Until then a full link proves
@@ -767,6 +772,8 @@ const NO_FEEDBACK: u32 = u32::MAX;
 /// What a window showed of the link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LinkState {
+    /// The link takes bytes much slower than this worker makes them.
+    Saturated,
     /// The link takes bytes slower than this worker makes them.
     Full,
     /// The link waits for this worker (or the worker for its caller).
@@ -783,7 +790,9 @@ enum LinkState {
 /// queue fills at once; the backlog shows it where the worker is starved of CPU (both ends and
 /// the VMM on a few cores), so it is seldom blocked, yet what it made waits.
 fn link_state(blocked_permille: u32, backlog: usize, backlog_full: usize) -> LinkState {
-    if blocked_permille > LINK_BOUND || backlog >= backlog_full {
+    if blocked_permille > LINK_SATURATED || backlog >= 2 * backlog_full {
+        LinkState::Saturated
+    } else if blocked_permille > LINK_BOUND || backlog >= backlog_full {
         LinkState::Full
     } else if blocked_permille < LINK_IDLE && backlog < backlog_full / 4 {
         LinkState::Waiting
@@ -803,14 +812,20 @@ fn link_state(blocked_permille: u32, backlog: usize, backlog_full: usize) -> Lin
 /// link that stays full with every group LZ4-compressed is slower than zstd too. The level
 /// settles where compressing takes about as long as sending, which keeps the link full with
 /// the fewest bytes.
-fn next_level(level: u32, link: LinkState, receiver_busy: u32) -> u32 {
+///
+/// Up is quicker than down: a saturated link raises the level two steps at once, while one
+/// window in which the link waited is not enough to lower it (the caller may have paused for a
+/// moment, as QEMU does between the sections of its stream); two in a row are. Every window
+/// spent below the level a slow link needs sends more bytes than it had to.
+fn next_level(level: u32, link: LinkState, previous: LinkState, receiver_busy: u32) -> u32 {
     let destination_busy = receiver_busy >= RECEIVER_BUSY && receiver_busy != NO_FEEDBACK;
+    let up = |steps: u32| (level + steps * LEVEL_STEP).min(MAX_COMPRESSION_LEVEL);
     match link {
         _ if destination_busy => level.saturating_sub(LEVEL_STEP),
-        LinkState::Waiting => level.saturating_sub(LEVEL_STEP),
-        LinkState::Full if receiver_busy != NO_FEEDBACK => {
-            (level + LEVEL_STEP).min(MAX_COMPRESSION_LEVEL)
-        }
+        LinkState::Waiting if previous == LinkState::Waiting => level.saturating_sub(LEVEL_STEP),
+        _ if receiver_busy == NO_FEEDBACK => level,
+        LinkState::Saturated => up(2),
+        LinkState::Full => up(1),
         _ => level,
     }
 }
@@ -957,11 +972,14 @@ impl Worker {
         let blocked =
             (self.window.blocked.as_nanos() * 1000 / wall.as_nanos().max(1)).min(1000) as u32;
         let mut link = link_state(blocked, self.writer.backlog(), self.backlog_full);
-        if link == LinkState::Full && !self.window.compression_can_pay(wall) {
+        if matches!(link, LinkState::Full | LinkState::Saturated)
+            && !self.window.compression_can_pay(wall)
+        {
             link = LinkState::Unclear;
         }
+        let next = next_level(self.level, link, self.previous_link, busy);
+        self.previous_link = link;
         self.window = Window::new();
-        let next = next_level(self.level, link, busy);
         if next != self.level {
             self.level = next;
             apply_level(&mut self.encoder, next);
@@ -994,19 +1012,22 @@ mod tests {
     #[test]
     fn compression_follows_the_bottleneck() {
         use LinkState::*;
-        // Link full, destination idle: compress more, past LZ4 on to zstd, up to all of it.
-        assert_eq!(next_level(50, Full, 100), 75);
-        assert_eq!(next_level(100, Full, 100), 125);
-        assert_eq!(next_level(200, Full, 100), 200);
-        // The link waits for us: compress less.
-        assert_eq!(next_level(150, Waiting, 100), 125);
-        assert_eq!(next_level(0, Waiting, 0), 0);
-        // Link full, but the destination is busy decoding: compress less.
-        assert_eq!(next_level(50, Full, 900), 25);
+        // Link full, destination idle: compress more, past LZ4 on to zstd, up to all of it;
+        // two steps at once when the link is saturated.
+        assert_eq!(next_level(50, Full, Unclear, 100), 75);
+        assert_eq!(next_level(50, Saturated, Unclear, 100), 100);
+        assert_eq!(next_level(100, Full, Full, 100), 125);
+        assert_eq!(next_level(200, Saturated, Full, 100), 200);
+        // The link waits for us: compress less, from the second such window on.
+        assert_eq!(next_level(150, Waiting, Full, 100), 150);
+        assert_eq!(next_level(150, Waiting, Waiting, 100), 125);
+        assert_eq!(next_level(0, Waiting, Waiting, 0), 0);
+        // Link full, but the destination is busy decoding: compress less, at once.
+        assert_eq!(next_level(50, Full, Full, 900), 25);
         // Link full before the destination said anything: hold, never raise.
-        assert_eq!(next_level(50, Full, NO_FEEDBACK), 50);
+        assert_eq!(next_level(50, Saturated, Full, NO_FEEDBACK), 50);
         // In between: hold.
-        assert_eq!(next_level(50, Unclear, 100), 50);
+        assert_eq!(next_level(50, Unclear, Waiting, 100), 50);
     }
 
     #[test]
@@ -1027,9 +1048,11 @@ mod tests {
     fn a_full_link_shows_in_blocking_or_in_the_backlog() {
         let full = 1 << 20;
         // Blocked most of the window, little queued (small buffers).
-        assert_eq!(link_state(600, 100 << 10, full), LinkState::Full);
+        assert_eq!(link_state(300, 100 << 10, full), LinkState::Full);
+        assert_eq!(link_state(600, 100 << 10, full), LinkState::Saturated);
         // Hardly blocked, but a deep backlog (a worker short of CPU).
-        assert_eq!(link_state(5, 2 << 20, full), LinkState::Full);
+        assert_eq!(link_state(5, 1 << 20, full), LinkState::Full);
+        assert_eq!(link_state(5, 2 << 20, full), LinkState::Saturated);
         // Neither blocked nor queued: the link waits.
         assert_eq!(link_state(10, 64 << 10, full), LinkState::Waiting);
         // Some of each: unclear.
