@@ -453,3 +453,77 @@ fn a_killed_destination_shim_fails_the_migration_and_the_source_runs_on() {
 fn a_killed_shim_in_opaque_mode_fails_the_migration_too() {
     kill_mid_migration("killed-opaque", &["--mode", "opaque"], Victim::Source);
 }
+
+/// A destination QEMU that refuses the stream (its RAM is not the source's size): the migration
+/// fails on both QEMUs, the source runs on, and the destination shim says that its QEMU closed
+/// the migration connection, not just that some socket broke.
+#[test]
+fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
+    let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
+    let scratch = Scratch::new("refused");
+    let dir = scratch.0.clone();
+    let (dst_sock, src_sock) = (dir.join("dst.sock"), dir.join("src.sock"));
+    let port = free_port();
+    let mut dst = QemuVm::start(
+        &guest,
+        &VmConfig {
+            name: "dst".into(),
+            dir: dir.clone(),
+            memory_mib: MEMORY_MIB / 2,
+            fill_mib: 48,
+            dirty_rate: 2000,
+            incoming: Some(format!("unix:{}", dst_sock.display())),
+            paused: true,
+            netns: None,
+        },
+    )
+    .expect("QEMU starts");
+    let mut recv = shim(
+        &[
+            "recv",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--qemu",
+            &format!("unix:{}", dst_sock.display()),
+            "--once",
+        ],
+        &dir.join("recv.log"),
+    );
+    let listen = format!("unix:{}", src_sock.display());
+    let to = format!("127.0.0.1:{port}");
+    let mut send = shim(
+        &["send", "--listen", &listen, "--to", &to, "--once"],
+        &dir.join("send.log"),
+    );
+    let mut src = vm(&guest, &dir, "src", None, 2000);
+    src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
+        .unwrap();
+    src.parameters(json!({"max-bandwidth": 1u64 << 40}))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !src_sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    let info = src
+        .wait_migration(Duration::from_secs(60))
+        .expect("no hang on the source");
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(src.status().unwrap(), "running");
+    for (p, name) in [(&mut recv, "recv.log"), (&mut send, "send.log")] {
+        let status = wait_exit(p, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("shim still runs: {}", read_log(&dir, name)));
+        assert!(!status.success(), "{}", read_log(&dir, name));
+    }
+    let text = read_log(&dir, "recv.log");
+    assert!(text.contains("FAILED"), "{text}");
+    assert!(
+        text.contains("the destination QEMU closed the migration connection"),
+        "{text}"
+    );
+    assert!(
+        dst.wait_exit(Duration::from_secs(30)),
+        "destination QEMU still runs"
+    );
+}

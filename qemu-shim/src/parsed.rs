@@ -37,6 +37,7 @@ use pagecodec::{
 };
 use pagestream_transport::channel::DEFAULT_MAX_FRAME_BODY;
 use pagestream_transport::error::full_message;
+use pagestream_transport::net::Acceptor as _;
 use pagestream_transport::{
     ReceiverConfig, ReceiverEvent, Sender, SenderConfig, SessionStats, StreamAcceptor, StreamSetup,
     TcpBackend, TcpConnector, accept,
@@ -800,9 +801,7 @@ impl Rebuild<'_> {
     }
 
     fn flush(&mut self) -> Result<(), String> {
-        self.out
-            .flush()
-            .map_err(|e| format!("writing to QEMU failed: {e}"))?;
+        self.out.flush().map_err(qemu_write_error)?;
         self.session
             .forward_raw
             .store(self.written, Ordering::Relaxed);
@@ -820,9 +819,7 @@ impl Rebuild<'_> {
                 if self.blocks.is_empty() {
                     return Err("stream bytes came before the RAM block list".into());
                 }
-                self.out
-                    .write_all(body)
-                    .map_err(|e| format!("writing to QEMU failed: {e}"))?;
+                self.out.write_all(body).map_err(qemu_write_error)?;
                 self.written += body.len() as u64;
                 self.flush()?;
                 if kind == BLOB_BYTES_THEN_PAGES {
@@ -863,10 +860,24 @@ impl Rebuild<'_> {
                     Some(page) => self.out.write_all(page),
                     None => self.out.write_all(&[0]),
                 });
-            written.map_err(|e| format!("writing to QEMU failed: {e}"))?;
+            written.map_err(qemu_write_error)?;
             self.written += (len + data.map_or(1, <[u8]>::len)) as u64;
         }
         Ok(())
+    }
+}
+
+/// What a failed write to the destination QEMU means. QEMU closes its migration connection
+/// when it refuses the stream or fails loading it (a machine of another size or type, a device
+/// it does not have): say so, rather than just that a pipe broke.
+fn qemu_write_error(e: io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => format!(
+            "the destination QEMU closed the migration connection while the stream was being \
+             written: it refused the stream or failed to load it (its log or `query-migrate` \
+             says why) ({e})"
+        ),
+        _ => format!("writing to QEMU failed: {e}"),
     }
 }
 
@@ -910,6 +921,9 @@ pub(crate) fn destination_main(
         .map_err(|e| format!("the page transport: {}", full_message(&e)))?;
     let channels = pending.channels();
     let layout = pending.layout().clone();
+    // The mode as this end knows it; the source's account replaces it when it arrives.
+    *session.mode.lock().expect("not poisoned") =
+        Some(mode_text(channels, acceptor.backend(), None));
     // QEMU takes its first connection as the main channel: connect it before any multifd link.
     let qemu = connect_qemu(&config.qemu)?;
     let clone = || qemu.try_clone().map_err(|e| e.to_string());

@@ -557,6 +557,9 @@ impl Listener {
 /// QEMU's multifd channel magic (big-endian on the wire).
 const MULTIFD_MAGIC: u32 = 0x1122_3344;
 
+/// How long a failure that is probably the echo of another waits before it is recorded.
+const ECHO_GRACE: Duration = Duration::from_millis(250);
+
 /// Reads the first bytes of a QEMU connection and says what it is. Returns the bytes read, which
 /// must be forwarded first.
 fn classify(conn: &mut Conn) -> Result<(StreamKind, Vec<u8>), String> {
@@ -902,6 +905,12 @@ pub fn run_destination_on(
                 }
                 StreamKind::ReturnPath => {
                     if let Err(why) = parsed::destination_return_path(&session, link) {
+                        // The return path seldom fails on its own account: when the destination
+                        // QEMU or the main stream fails, its break is the echo. Let the main
+                        // channel's explanation be recorded first.
+                        if session.failed().is_none() {
+                            std::thread::sleep(ECHO_GRACE);
+                        }
                         session.fail(format!("return path (parsing mode): {why}"));
                     }
                     return;
