@@ -613,3 +613,83 @@ fn connections_set_up_by_the_application_carry_a_session() {
     ));
     gate.join().unwrap();
 }
+
+/// A sink that, after its first page, waits for the application until the session ends.
+struct WaitingSink {
+    released: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    pages: u64,
+}
+
+impl WaitingSink {
+    fn page(&mut self) -> Result<(), SinkError> {
+        self.pages += 1;
+        if self.pages < 2 {
+            return Ok(());
+        }
+        let (lock, wake) = &*self.released;
+        let mut released = lock.lock().unwrap();
+        while !*released {
+            released = wake.wait(released).unwrap();
+        }
+        Err("the application stopped taking pages (test)".into())
+    }
+}
+
+impl PageSink for WaitingSink {
+    fn zero(&mut self, _: PageAddr, _: u32) -> Result<(), SinkError> {
+        self.page()
+    }
+    fn data(&mut self, _: PageAddr, _: u32, _: &Page) -> Result<(), SinkError> {
+        self.page()
+    }
+}
+
+#[test]
+fn a_sink_waiting_on_the_application_is_released_when_the_session_fails() {
+    let kill = FaultPlan {
+        kill_at_frame: Some(3),
+        ..FaultPlan::default()
+    };
+    let (c, mut a) = memory_network(vec![FaultPlan::default(), kill], 4);
+    let (mut s, mut r) = configs(2);
+    s.frame_bytes = 16 << 10;
+    let released = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    r.on_end = Some({
+        let released = released.clone();
+        Arc::new(move || {
+            *released.0.lock().unwrap() = true;
+            released.1.notify_all();
+        })
+    });
+    let receiver = thread::spawn(move || {
+        let pending = accept(&mut a, &r)?;
+        let sinks: Vec<WaitingSink> = (0..2)
+            .map(|_| WaitingSink {
+                released: released.clone(),
+                pages: 0,
+            })
+            .collect();
+        pending.run(&mut a, sinks, |_| {})
+    });
+    let layout = MemoryLayout::new(vec![1500, 548]).unwrap();
+    let source = guest(&layout, 7);
+    let sent = (|| {
+        let mut sender = Sender::connect(Box::new(c), layout.clone(), s)?;
+        for addr in source.addresses() {
+            sender.send_page(addr, 0, source.page(addr).unwrap())?;
+        }
+        sender.end_pass(0)?;
+        sender.finish()
+    })();
+    assert!(sent.is_err(), "the source must see the failure");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !receiver.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination hangs on a sink waiting for the application"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let received = receiver.join().unwrap();
+    assert!(received.is_err(), "the destination must fail");
+}
