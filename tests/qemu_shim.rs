@@ -73,6 +73,33 @@ fn shim(args: &[&str], log: &Path) -> Proc {
     )
 }
 
+/// The destination shim (feeding `dir/dst.sock`, listening on `port`) and the source shim
+/// (listening on `dir/src.sock`, with `send_args`), logging to `dir/recv.log` and `dir/send.log`.
+fn shims(dir: &Path, port: u16, send_args: &[&str]) -> (Proc, Proc) {
+    let recv = shim(
+        &[
+            "recv",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--qemu",
+            &format!("unix:{}", dir.join("dst.sock").display()),
+            "--once",
+        ],
+        &dir.join("recv.log"),
+    );
+    let listen = format!("unix:{}", dir.join("src.sock").display());
+    let to = format!("127.0.0.1:{port}");
+    let mut args = vec!["send", "--listen", &listen, "--to", &to, "--once"];
+    args.extend_from_slice(send_args);
+    let send = shim(&args, &dir.join("send.log"));
+    // The source shim's socket exists once it listens.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("src.sock").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (recv, send)
+}
+
 fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate: u32) -> QemuVm {
     QemuVm::start(
         guest,
@@ -151,29 +178,13 @@ fn setup_with(
     let scratch = Scratch::new(name);
     let dir = scratch.0.clone();
     let dst_sock = dir.join("dst.sock");
-    let src_sock = dir.join("src.sock");
     let port = free_port();
     let mut dst = vm(&guest, &dir, "dst", Some("defer"), dirty_rate);
     dst.capabilities(caps).unwrap();
     dst.parameters(params.clone()).unwrap();
     dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
         .unwrap();
-    let recv = shim(
-        &[
-            "recv",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--qemu",
-            &format!("unix:{}", dst_sock.display()),
-            "--once",
-        ],
-        &dir.join("recv.log"),
-    );
-    let listen = format!("unix:{}", src_sock.display());
-    let to = format!("127.0.0.1:{port}");
-    let mut args = vec!["send", "--listen", &listen, "--to", &to, "--once"];
-    args.extend_from_slice(send_args);
-    let send = shim(&args, &dir.join("send.log"));
+    let (recv, send) = shims(&dir, port, send_args);
     let mut src = vm(&guest, &dir, "src", None, dirty_rate);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
@@ -183,11 +194,6 @@ fn setup_with(
         params["max-bandwidth"] = json!(1u64 << 40);
     }
     src.parameters(params).unwrap();
-    // The shim's socket exists once it listens.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !src_sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     Setup {
         scratch,
         src,
@@ -478,32 +484,12 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
         },
     )
     .expect("QEMU starts");
-    let mut recv = shim(
-        &[
-            "recv",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--qemu",
-            &format!("unix:{}", dst_sock.display()),
-            "--once",
-        ],
-        &dir.join("recv.log"),
-    );
-    let listen = format!("unix:{}", src_sock.display());
-    let to = format!("127.0.0.1:{port}");
-    let mut send = shim(
-        &["send", "--listen", &listen, "--to", &to, "--once"],
-        &dir.join("send.log"),
-    );
+    let (mut recv, mut send) = shims(&dir, port, &[]);
     let mut src = vm(&guest, &dir, "src", None, 2000);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
     src.parameters(json!({"max-bandwidth": 1u64 << 40}))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !src_sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     src.migrate(&format!("unix:{}", src_sock.display()))
         .unwrap();
     let info = src
