@@ -69,7 +69,8 @@ const MAX_PREAMBLE: usize = 16 << 20;
 /// when to stop from the pace at which the shim takes its bytes: a deep pipeline makes that
 /// pace look faster than the link and lengthens the downtime. `pagestream bench qemu` at 1
 /// Gbit/s: 16 MiB in flight, 256 KiB frames and the kernel's default socket buffers gave
-/// 380-590 ms of downtime; these values 80-140 ms, at the same total time.
+/// 280-590 ms of downtime; these values, with the bounded destination staging, 27-150 ms, at
+/// the same total time.
 const INFLIGHT_BYTES: usize = 4 << 20;
 /// See [`INFLIGHT_BYTES`].
 const FRAME_BYTES: u32 = 64 << 10;
