@@ -109,7 +109,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the destination thread panicked")));
         (sent, received)
     });
-    let Migrated { passes, shares } = sent.context("the source failed")?;
+    let Migrated { passes, levels } = sent.context("the source failed")?;
     received.context("the destination failed")?;
 
     let spinner = progress::spinner("comparing destination memory with the source");
@@ -117,10 +117,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     spinner.finish_and_clear();
     print_report(&passes, size);
     println!(
-        "compressed share of compressible pages at the end, per channel: {shares:?}%{}",
-        if shares.iter().all(|&s| s == 0) {
-            " (on this link sending pages raw is faster than compressing them; \
-             --compression 100 compresses everything)"
+        "compression level at the end, per channel: {levels:?} (0-100: share of page groups \
+         compressed with LZ4; 101-200: all of them, level-100 percent with zstd){}",
+        if levels.iter().all(|&l| l == 0) {
+            "; on this link sending pages raw is faster than compressing them \
+             (--compression 100 compresses everything with LZ4, 200 with zstd)"
         } else {
             ""
         }
@@ -135,10 +136,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// What the source moved: each pass, and the compressed share each channel ended with.
+/// What the source moved: each pass, and the compression level each channel ended with.
 struct Migrated {
     passes: Vec<(String, PassStats)>,
-    shares: Vec<u64>,
+    levels: Vec<u64>,
 }
 
 /// How the source connects.
@@ -200,13 +201,13 @@ fn migrate(
         }
     }
     let summary = sender.finish()?;
-    let shares = summary
+    let levels = summary
         .stats
         .channels
         .iter()
         .map(|c| c.compression_level)
         .collect();
-    Ok(Migrated { passes, shares })
+    Ok(Migrated { passes, levels })
 }
 
 /// What one pass moved.

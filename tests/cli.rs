@@ -158,6 +158,7 @@ fn demo_migrates_and_verifies() {
     for (compression, classes) in [
         ("adaptive", &["zero", "unchanged", "delta"][..]),
         ("100", &["zero", "unchanged", "delta", "lz4"][..]),
+        ("200", &["zero", "unchanged", "zstd"][..]),
     ] {
         let out = pagestream(&[
             "demo",
