@@ -581,7 +581,11 @@ impl StagingState {
     fn take_through(&mut self, last: Generation) -> Vec<Bucket> {
         let mut taken = Vec::new();
         for buckets in &mut self.buckets {
-            let later = buckets.split_off(&(last + 1));
+            // Generations are the peer's numbers: the last one possible takes everything.
+            let later = match last.checked_add(1) {
+                Some(next) => buckets.split_off(&next),
+                None => BTreeMap::new(),
+            };
             let ready = std::mem::replace(buckets, later);
             taken.extend(ready.into_values());
         }
@@ -1122,6 +1126,18 @@ mod tests {
         staging.finish();
         assert_eq!(pages_of(staging.next()), [u64::MAX]);
         assert_eq!(staging.state.lock().unwrap().held, 0);
+    }
+
+    #[test]
+    fn the_highest_pass_number_does_not_overflow() {
+        let staging = Staging::default();
+        staging.set_channels(1);
+        let page = [3u8; PAGE_SIZE];
+        staging
+            .push(0, addr(1), u32::MAX, Some(&page), &mut Duration::default())
+            .unwrap();
+        staging.written_through(u32::MAX);
+        assert_eq!(pages_of(staging.next()), [1]);
     }
 
     #[test]
