@@ -323,12 +323,20 @@ fn migrates_with_the_return_path_through_the_shim() {
     migrate_and_verify(s, &[PARSING], &[PARSING]);
 }
 
+/// Migration parameters for a guest that dirties 20 000 pages a second. These tests check that
+/// what arrives is right, not how fast: on a loaded machine (CI runs the tests side by side, and
+/// under TCG every dirty-bitmap sync of the padded RAM is slow) QEMU's default 300 ms downtime
+/// limit can keep such a guest from ever switching over, so it may take up to 2 s.
+fn busy_guest_params() -> serde_json::Value {
+    json!({"downtime-limit": 2000})
+}
+
 #[test]
 fn a_busy_guest_migrates_in_parsing_mode_over_many_channels() {
     let s = setup_with(
         "busy-parsing",
         &[("return-path", true)],
-        json!({}),
+        busy_guest_params(),
         &["--channels", "5"],
         20000,
     );
@@ -371,7 +379,7 @@ fn migrates_opaque_with_zstd_and_lz4_and_a_busy_guest() {
         let s = setup_with(
             &format!("busy-{compression}"),
             &[("return-path", true)],
-            json!({}),
+            busy_guest_params(),
             &["--mode", "opaque", "--compression", compression],
             20000,
         );
