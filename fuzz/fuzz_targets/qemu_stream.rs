@@ -29,13 +29,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for chunk in stream.chunks(piece) {
         held.extend_from_slice(chunk);
-        loop {
-            let n = parser.parse(&held, &mut emit);
-            held.drain(..n);
-            if n == 0 {
-                break;
-            }
-        }
+        parser.parse_all(&mut held, &mut emit);
     }
     parser.finish(&held, &mut emit);
     assert_eq!(accounted, stream.len());

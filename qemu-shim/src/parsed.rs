@@ -394,13 +394,7 @@ pub(crate) fn source_main(
         .map_err(|e| full_message(&e))?;
     out.blob_bytes += blocks_blob.len() as u64;
     loop {
-        loop {
-            let n = parser.parse(&held, &mut |event| out.event(event));
-            held.drain(..n);
-            if n == 0 {
-                break;
-            }
-        }
+        parser.parse_all(&mut held, &mut |event| out.event(event));
         if let Some(e) = out.error.take() {
             return Err(e);
         }

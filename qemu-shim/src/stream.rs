@@ -385,6 +385,19 @@ impl Parser {
         pos
     }
 
+    /// Parses every whole item `held` holds, calling [`Parser::parse`] until it consumes nothing
+    /// (past the early return after the block list too), and removes what it consumed: the
+    /// rest waits in `held` for more input.
+    pub fn parse_all(&mut self, held: &mut Vec<u8>, emit: &mut dyn FnMut(Event<'_>)) {
+        loop {
+            let n = self.parse(held, emit);
+            held.drain(..n);
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
     /// The stream ended with `rest` not parsed (an item cut short): it is carried as it is, and
     /// the destination QEMU will judge it.
     pub fn finish(&mut self, rest: &[u8], emit: &mut dyn FnMut(Event<'_>)) {
@@ -923,13 +936,7 @@ mod tests {
         };
         for piece in stream.chunks(chunk.max(1)) {
             held.extend_from_slice(piece);
-            loop {
-                let n = parser.parse(&held, &mut |e| emit(e, &mut parsed, &mut blocks));
-                held.drain(..n);
-                if n == 0 {
-                    break;
-                }
-            }
+            parser.parse_all(&mut held, &mut |e| emit(e, &mut parsed, &mut blocks));
         }
         parser.finish(&held, &mut |e| emit(e, &mut parsed, &mut blocks));
         assert_eq!(parser.position(), stream.len() as u64);

@@ -57,13 +57,7 @@ fn parse_and_rebuild(stream: &[u8]) -> Rebuilt {
     // Feed it the way a socket would: in uneven pieces.
     for piece in stream.chunks(100_003) {
         held.extend_from_slice(piece);
-        loop {
-            let n = parser.parse(&held, &mut emit);
-            held.drain(..n);
-            if n == 0 {
-                break;
-            }
-        }
+        parser.parse_all(&mut held, &mut emit);
     }
     parser.finish(&held, &mut emit);
     out
