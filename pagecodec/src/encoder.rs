@@ -16,6 +16,7 @@
 //! times LZ4's CPU cost.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use lz4_flex::block::{CompressTable, compress_into_with_table, get_maximum_output_size};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
@@ -144,6 +145,12 @@ pub struct EncoderStats {
     pub frames: u64,
     /// Bytes of all frames produced.
     pub wire_bytes: u64,
+    /// Page bytes given to the group compressors (LZ4 or zstd).
+    pub compressed_input: u64,
+    /// Time spent in the group compressors, nanoseconds: with `compressed_input`, the pace at
+    /// which this encoder compresses, which tells a caller whether compressing can keep up
+    /// with its link.
+    pub compress_nanos: u64,
 }
 
 /// Consecutive pages not yet written: a run of zero or unchanged pages, or a group of pages to
@@ -682,6 +689,7 @@ impl Encoder {
         if compress {
             self.lz4_credit -= 100;
         }
+        let timer = compress.then(Instant::now);
         let zstd_len = if compress && self.features & FEATURE_ZSTD != 0 {
             self.zstd_credit += self.zstd_share;
             if self.zstd_credit >= 100 {
@@ -703,6 +711,10 @@ impl Encoder {
             ),
             None => (record::LZ4, PageClass::Lz4, raw_len),
         };
+        if let Some(timer) = timer {
+            self.stats.compressed_input += raw_len as u64;
+            self.stats.compress_nanos += timer.elapsed().as_nanos() as u64;
+        }
         let cost = varint_len(u64::from(count)) + varint_len(len as u64) + len;
         if cost < raw_len {
             let begin = self.frame.pos;

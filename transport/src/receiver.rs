@@ -6,7 +6,9 @@
 //! the control connection (barriers, blobs, the end of the session) on the calling thread.
 
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crossbeam_channel::{Receiver, bounded, select};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -241,7 +243,8 @@ impl PendingSession {
             changed: Condvar::new(),
             wait_nanos: (0..channels).map(|_| AtomicU64::new(0)).collect(),
         });
-        let serving = AtomicBool::new(true);
+        // Dropped when the control connection is done, which ends the feedback thread.
+        let (serving_tx, serving) = bounded::<()>(0);
         let limits = DecoderLimits {
             max_frame_body: DEFAULT_MAX_FRAME_BODY,
             max_cache_bytes: config.max_cache_bytes,
@@ -278,7 +281,7 @@ impl PendingSession {
                 }
             }
             {
-                let (writer, progress, failure, serving) = (&writer, &progress, &failure, &serving);
+                let (writer, progress, failure) = (&writer, &progress, &failure);
                 scope.spawn(move || send_feedback(writer, progress, failure, serving));
             }
             let result = serve_control(
@@ -290,7 +293,7 @@ impl PendingSession {
                 config.timeout,
                 &mut on_event,
             );
-            serving.store(false, Ordering::SeqCst);
+            drop(serving_tx);
             match &result {
                 Ok(()) => failure.close_all(),
                 Err(e) if !failure.has_failed() => {
@@ -439,7 +442,7 @@ fn send_feedback(
     writer: &SharedWriter,
     progress: &Progress,
     failure: &Failure,
-    serving: &AtomicBool,
+    serving: Receiver<()>,
 ) {
     let mut last: Vec<u64> = progress
         .wait_nanos
@@ -447,10 +450,13 @@ fn send_feedback(
         .map(|b| b.load(Ordering::Relaxed))
         .collect();
     let mut last_at = Instant::now();
-    while serving.load(Ordering::SeqCst) && !failure.has_failed() {
-        std::thread::sleep(Duration::from_millis(10));
-        if last_at.elapsed() < FEEDBACK_INTERVAL {
-            continue;
+    loop {
+        // Woken at once when the session ends (`serving` disconnects) or fails, so that
+        // joining this thread never holds up the end of a session.
+        select! {
+            recv(serving) -> _ => return,
+            recv(failure.signal()) -> _ => return,
+            default(FEEDBACK_INTERVAL) => {}
         }
         let wall = last_at.elapsed().as_nanos().max(1) as u64;
         last_at = Instant::now();

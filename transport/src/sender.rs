@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender as ChannelSender, bounded, select, unbounded};
 use pagecodec::{
-    Encoder, EncoderConfig, Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr, ShardMap,
+    Encoder, EncoderConfig, EncoderStats, Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr,
+    ShardMap,
 };
 
 use crate::channel::FrameWriter;
@@ -47,8 +48,15 @@ pub enum Compression {
 pub const MAX_COMPRESSION_LEVEL: u32 = 200;
 
 /// Sets an encoder to compression `level` (see [`Compression::Fixed`]).
-fn apply_level(encoder: &mut Encoder, level: u32) {
-    encoder.set_lz4_share(level.min(100));
+/// A worker measuring its compressor's pace (`probe`) still compresses [`PROBE_SHARE`] of its
+/// groups at level 0.
+fn apply_level(encoder: &mut Encoder, level: u32, probe: bool) {
+    let lz4 = if level == 0 && probe {
+        PROBE_SHARE
+    } else {
+        level.min(100)
+    };
+    encoder.set_lz4_share(lz4);
     encoder.set_zstd_share(level.saturating_sub(100));
     // At no compression, caching content for duplicates costs more than it saves: stop copying
     // pages into the cache.
@@ -169,6 +177,8 @@ pub struct Sender {
     stats: Arc<SessionStats>,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// Dropped to wake the heartbeat thread at the end of the session.
+    heartbeat_stop: Option<ChannelSender<()>>,
     barrier: u64,
     backend: &'static str,
     started: Instant,
@@ -293,6 +303,8 @@ impl Sender {
                 receiver_busy: receiver_busy.clone(),
                 backlog_full: writer_queue / 2,
                 previous_link: LinkState::Unclear,
+                pace: CompressPace::default(),
+                probing: config.compression == Compression::Adaptive,
             };
             let failure = failure.clone();
             threads.push(
@@ -326,10 +338,12 @@ impl Sender {
             }
             .spawn(),
         );
+        let (heartbeat_stop, heartbeat_wake) = bounded(0);
         threads.push(spawn_heartbeat(
             writer.clone(),
             failure.clone(),
             stop.clone(),
+            heartbeat_wake,
             last_heard,
             config.heartbeat,
             config.timeout,
@@ -354,6 +368,7 @@ impl Sender {
             stats,
             threads,
             stop,
+            heartbeat_stop: Some(heartbeat_stop),
             barrier: 0,
             backend: connector.backend(),
             started: Instant::now(),
@@ -597,6 +612,7 @@ impl Sender {
 
     fn shutdown_threads(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.heartbeat_stop.take();
         self.failure.close_all();
         self.work.clear();
         for thread in self.threads.drain(..) {
@@ -692,6 +708,7 @@ fn spawn_heartbeat(
     writer: SharedWriter,
     failure: Arc<Failure>,
     stop: Arc<AtomicBool>,
+    wake: Receiver<()>,
     last_heard: Arc<Mutex<Instant>>,
     interval: Duration,
     timeout: Duration,
@@ -699,12 +716,14 @@ fn spawn_heartbeat(
     std::thread::spawn(move || {
         let mut nonce = 0;
         while !stop.load(Ordering::SeqCst) && !failure.has_failed() {
-            // Sleep in short steps so that the end of the session is not held up.
-            let until = Instant::now() + interval;
-            while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(20).min(interval));
+            // Woken at once when the session ends (`wake` disconnects) or fails, so that
+            // joining this thread never holds up the end of a session.
+            select! {
+                recv(wake) -> _ => return,
+                recv(failure.signal()) -> _ => return,
+                default(interval) => {}
             }
-            if stop.load(Ordering::SeqCst) || failure.has_failed() {
+            if stop.load(Ordering::SeqCst) {
                 return;
             }
             if last_heard.lock().expect("not poisoned").elapsed() > timeout {
@@ -748,6 +767,10 @@ struct Worker {
     backlog_full: usize,
     /// What the last window showed.
     previous_link: LinkState,
+    /// The pace of this worker's compressor.
+    pace: CompressPace,
+    /// Whether the encoder compresses a few groups at level 0 to measure that pace.
+    probing: bool,
 }
 
 /// Decoder busy share (thousandths) above which the destination, not the link, holds us back.
@@ -803,9 +826,11 @@ fn link_state(blocked_permille: u32, backlog: usize, backlog_full: usize) -> Lin
 
 /// The compression level for the next window.
 ///
-/// Compression pays only while the link is the bottleneck. Where the bottleneck is shows in two
-/// measurements: the state of the link over the last window (see [`link_state`]), and the busy
-/// share of the destination's decoder for this channel, which it reports every 50 ms. A full
+/// Compression pays only while the link is the bottleneck. Where the bottleneck is shows in three
+/// measurements: the state of the link over the last window (see [`link_state`]), the busy
+/// share of the destination's decoder for this channel, which it reports every 50 ms, and
+/// whether the compressor runs well ahead of the link at all (`compression_pays`, see
+/// [`compression_can_pay`]; when it does not, the level goes down whatever the link shows). A full
 /// link with an idle decoder: compress more. A link that waits for this worker: compress less.
 /// A busy decoder means the destination's CPU is the limit, and raw pages cost it less than
 /// compressed ones: compress less. Past 100 the level swaps LZ4 for zstd, group by group: a
@@ -817,11 +842,17 @@ fn link_state(blocked_permille: u32, backlog: usize, backlog_full: usize) -> Lin
 /// window in which the link waited is not enough to lower it (the caller may have paused for a
 /// moment, as QEMU does between the sections of its stream); two in a row are. Every window
 /// spent below the level a slow link needs sends more bytes than it had to.
-fn next_level(level: u32, link: LinkState, previous: LinkState, receiver_busy: u32) -> u32 {
+fn next_level(
+    level: u32,
+    link: LinkState,
+    previous: LinkState,
+    receiver_busy: u32,
+    compression_pays: bool,
+) -> u32 {
     let destination_busy = receiver_busy >= RECEIVER_BUSY && receiver_busy != NO_FEEDBACK;
     let up = |steps: u32| (level + steps * LEVEL_STEP).min(MAX_COMPRESSION_LEVEL);
     match link {
-        _ if destination_busy => level.saturating_sub(LEVEL_STEP),
+        _ if destination_busy || !compression_pays => level.saturating_sub(LEVEL_STEP),
         LinkState::Waiting if previous == LinkState::Waiting => level.saturating_sub(LEVEL_STEP),
         _ if receiver_busy == NO_FEEDBACK => level,
         LinkState::Saturated => up(2),
@@ -837,8 +868,6 @@ struct Window {
     blocked: Duration,
     /// Time spent waiting for the caller's pages.
     idle: Duration,
-    /// Page bytes encoded.
-    raw: u64,
     /// Frame bytes handed to the link.
     wire: u64,
 }
@@ -849,32 +878,87 @@ impl Window {
             started: Instant::now(),
             blocked: Duration::ZERO,
             idle: Duration::ZERO,
-            raw: 0,
             wire: 0,
         }
     }
 
-    /// Whether the link drains slowly enough for more compression to pay: at most a quarter of the
-    /// pace at which this worker encodes at its current level. Compressing more slows the
-    /// encoder down; on a link nearly as fast as the encoder, it makes the encoder the
-    /// bottleneck (and where both ends share the CPUs, the destination too). Blocking and
-    /// backlog alone cannot tell: on a machine short of CPU both show on fast links as well.
-    fn compression_can_pay(&self, wall: Duration) -> bool {
-        let working = wall.saturating_sub(self.blocked + self.idle).as_secs_f64();
-        if working <= 0.0 || self.raw == 0 {
-            return true;
-        }
-        let encode_rate = self.raw as f64 / working;
-        let link_rate = self.wire as f64 / wall.as_secs_f64().max(1e-9);
-        link_rate * 4.0 < encode_rate
+    /// Frame bytes the link took per second over this window.
+    fn link_rate(&self, wall: Duration) -> f64 {
+        self.wire as f64 / wall.as_secs_f64().max(1e-9)
     }
+}
+
+/// The pace of a worker's compressor, measured from the encoder's totals
+/// (`EncoderStats::compressed_input`, `EncoderStats::compress_nanos`) whenever it has
+/// compressed enough since the last measurement. At level 0 the adaptive worker still
+/// compresses a few groups ([`PROBE_SHARE`]) so that the pace is known before the level ever
+/// goes up: on a link faster than any compressor, it never does.
+#[derive(Debug, Default)]
+struct CompressPace {
+    /// Totals at the last measurement.
+    input: u64,
+    nanos: u64,
+    /// Page bytes per second, once measured, and when.
+    rate: Option<f64>,
+    measured_at: Option<Instant>,
+}
+
+impl CompressPace {
+    /// Whether the pace needs measuring: never measured, or not for [`PACE_MAX_AGE`].
+    fn is_stale(&self) -> bool {
+        self.measured_at
+            .is_none_or(|at| at.elapsed() > PACE_MAX_AGE)
+    }
+
+    /// Takes a new measurement if the encoder compressed enough since the last one; returns
+    /// the latest pace.
+    fn update(&mut self, encoder: &EncoderStats) -> Option<f64> {
+        let input = encoder.compressed_input - self.input;
+        let nanos = encoder.compress_nanos - self.nanos;
+        if input >= MIN_COMPRESS_SAMPLE && nanos > 0 {
+            self.rate = Some(input as f64 * 1e9 / nanos as f64);
+            self.measured_at = Some(Instant::now());
+            self.input = encoder.compressed_input;
+            self.nanos = encoder.compress_nanos;
+        }
+        self.rate
+    }
+}
+
+/// Share of page groups (percent) an adaptive worker compresses with LZ4 at level 0 while it
+/// measures its compressor's pace: 2 groups in 100 cost about 2% of the time LZ4 would take on
+/// all of them.
+const PROBE_SHARE: u32 = 2;
+
+/// How long a measured compressor pace holds before a worker at level 0 measures it again (the
+/// content, and the CPU the worker gets, change over a migration).
+const PACE_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Page bytes compressed between two measurements of the compressor's pace: a few groups.
+const MIN_COMPRESS_SAMPLE: u64 = 4 * 16 * PAGE_SIZE as u64;
+
+/// How much faster than the link drains the compressor must run for compression to pay.
+const COMPRESS_MARGIN: f64 = 2.0;
+
+/// Whether compression can pay on a link that drains `link_rate` bytes per second, for a
+/// compressor measured at `compress_rate` page bytes per second (`None`: never measured, and
+/// only trying tells).
+///
+/// Compressing trades the worker's CPU for link time. It helps while the link is the
+/// bottleneck by a margin: a compressor that cannot feed the link twice over makes itself the
+/// bottleneck, and on a machine where both ends share the CPUs it also takes them from the
+/// kernel's copies and the destination's decoders. Blocking and backlog alone cannot tell this:
+/// on a machine short of CPU both show on loopback too, where the "link" is a memory copy
+/// faster than any compressor.
+fn compression_can_pay(link_rate: f64, compress_rate: Option<f64>) -> bool {
+    compress_rate.is_none_or(|rate| link_rate * COMPRESS_MARGIN < rate)
 }
 
 impl Worker {
     fn run(mut self) -> Result<(), TransportError> {
         let channel = self.channel;
         let mut spare = Vec::new();
-        apply_level(&mut self.encoder, self.level);
+        apply_level(&mut self.encoder, self.level, self.probing);
         self.send_frames()?;
         self.stats
             .set_compression_level(usize::from(channel), self.level);
@@ -917,7 +1001,6 @@ impl Worker {
                     }
                     self.stats
                         .pages(usize::from(channel), batch.addrs.len() as u64);
-                    self.window.raw += (batch.addrs.len() * PAGE_SIZE) as u64;
                     self.stats
                         .set_classes(usize::from(channel), self.encoder.stats().classes);
                     self.writer.reclaim(&mut spare);
@@ -971,18 +1054,17 @@ impl Worker {
         }
         let blocked =
             (self.window.blocked.as_nanos() * 1000 / wall.as_nanos().max(1)).min(1000) as u32;
-        let mut link = link_state(blocked, self.writer.backlog(), self.backlog_full);
-        if matches!(link, LinkState::Full | LinkState::Saturated)
-            && !self.window.compression_can_pay(wall)
-        {
-            link = LinkState::Unclear;
-        }
-        let next = next_level(self.level, link, self.previous_link, busy);
+        let link = link_state(blocked, self.writer.backlog(), self.backlog_full);
+        let compress_rate = self.pace.update(self.encoder.stats());
+        let pays = compression_can_pay(self.window.link_rate(wall), compress_rate);
+        let next = next_level(self.level, link, self.previous_link, busy, pays);
         self.previous_link = link;
         self.window = Window::new();
-        if next != self.level {
+        let probe = self.pace.is_stale();
+        if next != self.level || probe != self.probing {
             self.level = next;
-            apply_level(&mut self.encoder, next);
+            self.probing = probe;
+            apply_level(&mut self.encoder, next, probe);
             self.stats.set_compression_level(channel, next);
         }
     }
@@ -1014,34 +1096,61 @@ mod tests {
         use LinkState::*;
         // Link full, destination idle: compress more, past LZ4 on to zstd, up to all of it;
         // two steps at once when the link is saturated.
-        assert_eq!(next_level(50, Full, Unclear, 100), 75);
-        assert_eq!(next_level(50, Saturated, Unclear, 100), 100);
-        assert_eq!(next_level(100, Full, Full, 100), 125);
-        assert_eq!(next_level(200, Saturated, Full, 100), 200);
+        assert_eq!(next_level(50, Full, Unclear, 100, true), 75);
+        assert_eq!(next_level(50, Saturated, Unclear, 100, true), 100);
+        assert_eq!(next_level(100, Full, Full, 100, true), 125);
+        assert_eq!(next_level(200, Saturated, Full, 100, true), 200);
         // The link waits for us: compress less, from the second such window on.
-        assert_eq!(next_level(150, Waiting, Full, 100), 150);
-        assert_eq!(next_level(150, Waiting, Waiting, 100), 125);
-        assert_eq!(next_level(0, Waiting, Waiting, 0), 0);
+        assert_eq!(next_level(150, Waiting, Full, 100, true), 150);
+        assert_eq!(next_level(150, Waiting, Waiting, 100, true), 125);
+        assert_eq!(next_level(0, Waiting, Waiting, 0, true), 0);
         // Link full, but the destination is busy decoding: compress less, at once.
-        assert_eq!(next_level(50, Full, Full, 900), 25);
+        assert_eq!(next_level(50, Full, Full, 900, true), 25);
+        // Link full, but the compressor cannot keep well ahead of it: compress less, at once,
+        // and never go up from raw.
+        assert_eq!(next_level(50, Saturated, Full, 100, false), 25);
+        assert_eq!(next_level(0, Saturated, Saturated, 100, false), 0);
         // Link full before the destination said anything: hold, never raise.
-        assert_eq!(next_level(50, Saturated, Full, NO_FEEDBACK), 50);
+        assert_eq!(next_level(50, Saturated, Full, NO_FEEDBACK, true), 50);
         // In between: hold.
-        assert_eq!(next_level(50, Unclear, Waiting, 100), 50);
+        assert_eq!(next_level(50, Unclear, Waiting, 100, true), 50);
     }
 
     #[test]
-    fn compression_pays_only_on_links_much_slower_than_the_encoder() {
-        let wall = Duration::from_millis(20);
-        let mut window = Window::new();
-        // Encoding 20 MB in 10 ms of work (2 GB/s) while the link took 2 MB in 20 ms (100 MB/s).
-        window.blocked = Duration::from_millis(10);
-        window.raw = 20_000_000;
-        window.wire = 2_000_000;
-        assert!(window.compression_can_pay(wall));
-        // The link took 12 MB in the same time (600 MB/s): more compression would not pay.
-        window.wire = 12_000_000;
-        assert!(!window.compression_can_pay(wall));
+    fn compression_pays_only_on_links_much_slower_than_the_compressor() {
+        // Never measured: only trying tells.
+        assert!(compression_can_pay(1e9, None));
+        // A 1 Gbit/s link shared by two channels, LZ4 at 800 MB/s, zstd at 250 MB/s: pays.
+        assert!(compression_can_pay(62e6, Some(800e6)));
+        assert!(compression_can_pay(62e6, Some(250e6)));
+        // Loopback draining 1.2 GB/s per channel: no compressor keeps up.
+        assert!(!compression_can_pay(1.2e9, Some(800e6)));
+        // Less than twice as fast as the link: the compressor would be the bottleneck.
+        assert!(!compression_can_pay(500e6, Some(800e6)));
+    }
+
+    #[test]
+    fn the_compressor_pace_is_measured_once_it_compressed_enough() {
+        let mut pace = CompressPace::default();
+        let mut stats = EncoderStats {
+            compressed_input: MIN_COMPRESS_SAMPLE / 2,
+            compress_nanos: 1_000,
+            ..EncoderStats::default()
+        };
+        assert_eq!(pace.update(&stats), None);
+        stats.compressed_input = 8_000_000;
+        stats.compress_nanos = 10_000_000;
+        let rate = pace.update(&stats).expect("enough compressed");
+        assert!((rate - 800e6).abs() < 1.0, "{rate}");
+        // Too little since then: the last pace holds.
+        stats.compressed_input += MIN_COMPRESS_SAMPLE / 2;
+        stats.compress_nanos += 1;
+        assert_eq!(pace.update(&stats), Some(rate));
+        // Enough again: the new pace (4 MB in 20 ms) replaces it.
+        stats.compressed_input = 12_000_000;
+        stats.compress_nanos = 30_000_000;
+        let slower = pace.update(&stats).expect("measured");
+        assert!((slower - 200e6).abs() < 1e6, "{slower}");
     }
 
     #[test]
@@ -1070,12 +1179,20 @@ mod tests {
             (150, 100, 50),
             (200, 100, 100),
         ] {
-            apply_level(&mut encoder, level);
+            apply_level(&mut encoder, level, false);
             assert_eq!(
                 (encoder.lz4_share(), encoder.zstd_share()),
                 (lz4, zstd),
                 "level {level}"
             );
         }
+        // An adaptive worker at level 0 keeps measuring its compressor on a few groups.
+        apply_level(&mut encoder, 0, true);
+        assert_eq!(
+            (encoder.lz4_share(), encoder.zstd_share()),
+            (PROBE_SHARE, 0)
+        );
+        apply_level(&mut encoder, 50, true);
+        assert_eq!((encoder.lz4_share(), encoder.zstd_share()), (50, 0));
     }
 }
