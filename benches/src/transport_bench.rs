@@ -14,10 +14,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagecodec::{MemoryImage, MemoryLayout, PAGE_SIZE, Page, PageAddr, PageClass};
+use pagecodec::{MemoryImage, MemoryLayout, PAGE_SIZE, PageAddr, PageClass};
 use pagestream_transport::net::Log;
 use pagestream_transport::{
-    ReceiverConfig, Sender, SenderConfig, TcpAcceptor, TcpBackend, TcpConnector, accept,
+    PageSource, ReceiverConfig, Sender, SenderConfig, TcpAcceptor, TcpBackend, TcpConnector, accept,
 };
 use serde::Serialize;
 
@@ -258,7 +258,7 @@ struct TransportRun {
 
 fn transport_run(
     hosts: &Hosts,
-    source: &MemoryImage,
+    source: &Arc<MemoryImage>,
     dest: &mut MemoryImage,
     config: &TransportBenchConfig,
     backend: TcpBackend,
@@ -322,10 +322,11 @@ fn transport_run(
                     };
                     let mut sender = Sender::connect(Box::new(connector), layout, sender_config)
                         .map_err(full)?;
-                    for addr in source.addresses() {
-                        let page: &Page = source.page(addr).expect("own address");
-                        sender.send_page(addr, 0, page).map_err(full)?;
-                    }
+                    // Guest memory the channel workers read themselves, as a VMM's would be.
+                    let memory: Arc<dyn PageSource> = source.clone();
+                    sender
+                        .send_shared(&memory, 0, source.addresses())
+                        .map_err(full)?;
                     let summary = sender.finish().map_err(full)?;
                     Ok((started.elapsed().as_secs_f64(), summary))
                 },
@@ -370,7 +371,7 @@ pub fn run(
     }
     progress("setting up the link");
     let hosts = Hosts::new(&config.link)?;
-    let source = MemoryImage::from_bytes(image.to_vec());
+    let source = Arc::new(MemoryImage::from_bytes(image.to_vec()));
     let layout = MemoryLayout::single(image.len() as u64).map_err(|e| e.to_string())?;
     let mut dest = MemoryImage::zeroed(layout);
     poison(&mut dest);
@@ -398,7 +399,7 @@ pub fn run(
         ));
         poison(&mut dest);
         let run = transport_run(&hosts, &source, &mut dest, config, backend)?;
-        verified &= dest == source;
+        verified &= dest == *source;
         runs.push(run);
     }
     baseline.sort_by(f64::total_cmp);

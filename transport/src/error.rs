@@ -76,6 +76,14 @@ pub enum TransportError {
         #[source]
         source: EncodeError,
     },
+    /// A page given to [`crate::Sender::send_shared`] is not in its [`crate::PageSource`].
+    #[error("channel {channel}: {addr} is not in the memory the pages are read from")]
+    NotInSource {
+        /// Channel index.
+        channel: u16,
+        /// The page.
+        addr: pagecodec::PageAddr,
+    },
     /// The peer reported a failure.
     #[error("the peer reported a failure{}: {message}", channel.map(|c| format!(" on channel {c}")).unwrap_or_default())]
     Peer {
@@ -107,7 +115,8 @@ impl TransportError {
             TransportError::Channel { channel, .. }
             | TransportError::Decode { channel, .. }
             | TransportError::Truncated { channel, .. }
-            | TransportError::Encode { channel, .. } => Some(*channel),
+            | TransportError::Encode { channel, .. }
+            | TransportError::NotInSource { channel, .. } => Some(*channel),
             TransportError::Peer { channel, .. } => *channel,
             _ => None,
         }

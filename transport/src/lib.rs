@@ -6,8 +6,9 @@
 //! between them; barriers (end of a pass, end of the session) and opaque data (device state)
 //! go over the control connection. See `DESIGN.md` for the protocol and the pipeline.
 //!
-//! - Source: [`Sender::connect`], then [`Sender::send_page`] for every page of a pass,
-//!   [`Sender::end_pass`], [`Sender::send_blob`], [`Sender::finish`].
+//! - Source: [`Sender::connect`], then [`Sender::send_page`] for every page of a pass (or
+//!   [`Sender::send_shared`], where the workers can read guest memory themselves through a
+//!   [`PageSource`]), [`Sender::end_pass`], [`Sender::send_blob`], [`Sender::finish`].
 //! - Destination: [`accept`] (handshake), then [`PendingSession::run`] with one
 //!   [`pagecodec::PageSink`] per channel.
 //! - Backends: io_uring TCP ([`uring`]) with a blocking-socket fallback ([`tcp`]), in-memory
@@ -31,5 +32,5 @@ pub use net::{
     memory_network,
 };
 pub use receiver::{PendingSession, ReceiveSummary, ReceiverConfig, ReceiverEvent, accept};
-pub use sender::{Compression, SendSummary, Sender, SenderConfig, default_channels};
+pub use sender::{Compression, PageSource, SendSummary, Sender, SenderConfig, default_channels};
 pub use stats::{SessionStats, StatsSnapshot};

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender as ChannelSender, bounded, select, unbounded};
 use pagecodec::{
-    Encoder, EncoderConfig, EncoderStats, Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr,
-    ShardMap,
+    Encoder, EncoderConfig, EncoderStats, Generation, MemoryImage, MemoryLayout, PAGE_SIZE, Page,
+    PageAddr, ShardMap,
 };
 
 use crate::channel::FrameWriter;
@@ -144,8 +144,43 @@ struct PageBatch {
     data: Vec<u8>,
 }
 
+/// Guest memory the channel workers copy pages from themselves ([`Sender::send_shared`]), so
+/// that the caller's thread copies nothing and each page is copied once on its way to the wire.
+pub trait PageSource: Send + Sync {
+    /// Copies the page at `addr`, as it is now, into `out`; `false` if `addr` is not in this
+    /// memory.
+    ///
+    /// Guest memory may change while it is copied (a running VM): the copy is what gets sent,
+    /// the encoder looks only at the copy (zero test, digest, compression), and a page written
+    /// meanwhile is dirty and goes again in the next pass.
+    fn copy_page(&self, addr: PageAddr, out: &mut Page) -> bool;
+}
+
+impl PageSource for MemoryImage {
+    fn copy_page(&self, addr: PageAddr, out: &mut Page) -> bool {
+        match self.page(addr) {
+            Some(page) => {
+                out.copy_from_slice(page);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Pages a worker copies from a [`PageSource`] itself.
+struct SharedBatch {
+    generation: Generation,
+    source: Arc<dyn PageSource>,
+    addrs: Vec<PageAddr>,
+}
+
+/// Pages per [`SharedBatch`]: addresses only, so larger than a [`PageBatch`].
+const SHARED_BATCH_PAGES: usize = 4 * BATCH_PAGES;
+
 enum Work {
     Pages(PageBatch),
+    Shared(SharedBatch),
     Barrier(u64),
     Finish,
 }
@@ -305,6 +340,7 @@ impl Sender {
                 previous_link: LinkState::Unclear,
                 pace: CompressPace::default(),
                 probing: config.compression == Compression::Adaptive,
+                page: Box::new(pagecodec::ZERO_PAGE),
             };
             let failure = failure.clone();
             threads.push(
@@ -438,6 +474,76 @@ impl Sender {
             self.dispatch(channel)?;
         }
         Ok(())
+    }
+
+    /// Queues the pages at `addrs` of pass `generation` for sending, read from `source` by
+    /// the channel workers themselves: the fast path for guest memory the workers can reach
+    /// (the caller copies nothing; each page is copied once, by its channel's worker, into the
+    /// encoder). Blocks while the memory budget is used up, like [`Sender::send_page`], with
+    /// which it can be mixed: every version of a page still goes in the order it was given.
+    ///
+    /// An address outside guest memory is refused, after every address before it was queued.
+    pub fn send_shared(
+        &mut self,
+        source: &Arc<dyn PageSource>,
+        generation: Generation,
+        addrs: impl IntoIterator<Item = PageAddr>,
+    ) -> Result<(), TransportError> {
+        self.check()?;
+        if generation < self.generation {
+            return Err(TransportError::Usage(format!(
+                "pages of pass {generation} after pass {}: passes may not go back",
+                self.generation
+            )));
+        }
+        self.generation = generation;
+        // Pages given one by one before these go first.
+        self.dispatch_all()?;
+        let mut batches: Vec<Vec<PageAddr>> = (0..self.channels)
+            .map(|_| Vec::with_capacity(SHARED_BATCH_PAGES))
+            .collect();
+        let mut refused = None;
+        for addr in addrs {
+            if !self.layout.contains_run(addr, 1) {
+                refused = Some(addr);
+                break;
+            }
+            let channel = self.map.shard_of(addr) as usize;
+            batches[channel].push(addr);
+            if batches[channel].len() == SHARED_BATCH_PAGES {
+                let addrs = std::mem::replace(
+                    &mut batches[channel],
+                    Vec::with_capacity(SHARED_BATCH_PAGES),
+                );
+                self.send_shared_batch(channel, source, generation, addrs)?;
+            }
+        }
+        for (channel, addrs) in batches.into_iter().enumerate() {
+            if !addrs.is_empty() {
+                self.send_shared_batch(channel, source, generation, addrs)?;
+            }
+        }
+        match refused {
+            Some(addr) => Err(TransportError::Usage(format!(
+                "{addr} is outside guest memory"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn send_shared_batch(
+        &self,
+        channel: usize,
+        source: &Arc<dyn PageSource>,
+        generation: Generation,
+        addrs: Vec<PageAddr>,
+    ) -> Result<(), TransportError> {
+        let batch = SharedBatch {
+            generation,
+            source: source.clone(),
+            addrs,
+        };
+        self.send_work(channel, Work::Shared(batch))
     }
 
     fn dispatch(&mut self, channel: usize) -> Result<(), TransportError> {
@@ -771,6 +877,9 @@ struct Worker {
     pace: CompressPace,
     /// Whether the encoder compresses a few groups at level 0 to measure that pace.
     probing: bool,
+    /// Where pages of shared batches are copied to: one page, hot in the cache for the
+    /// encoder's zero test, digest and copy into the frame.
+    page: Box<Page>,
 }
 
 /// Decoder busy share (thousandths) above which the destination, not the link, holds us back.
@@ -999,18 +1108,21 @@ impl Worker {
                             .map_err(|source| TransportError::Encode { channel, source })?;
                         self.send_frames()?;
                     }
-                    self.stats
-                        .pages(usize::from(channel), batch.addrs.len() as u64);
-                    self.stats
-                        .set_classes(usize::from(channel), self.encoder.stats().classes);
-                    self.writer.reclaim(&mut spare);
-                    for buf in spare.drain(..) {
-                        self.encoder.recycle(buf);
-                    }
+                    let pages = batch.addrs.len();
                     let _ = self.pool.send(batch);
-                    if self.adaptive {
-                        self.adapt();
+                    self.batch_done(pages, &mut spare);
+                }
+                Work::Shared(batch) => {
+                    for &addr in &batch.addrs {
+                        if !batch.source.copy_page(addr, &mut self.page) {
+                            return Err(TransportError::NotInSource { channel, addr });
+                        }
+                        self.encoder
+                            .encode(addr, batch.generation, &self.page)
+                            .map_err(|source| TransportError::Encode { channel, source })?;
+                        self.send_frames()?;
                     }
+                    self.batch_done(batch.addrs.len(), &mut spare);
                 }
                 Work::Barrier(id) => {
                     self.encoder.flush();
@@ -1042,6 +1154,22 @@ impl Worker {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Bookkeeping after a batch of `pages` pages: statistics, sent frame buffers back to the
+    /// encoder, the compression level.
+    fn batch_done(&mut self, pages: usize, spare: &mut Vec<Vec<u8>>) {
+        let channel = usize::from(self.channel);
+        self.stats.pages(channel, pages as u64);
+        self.stats
+            .set_classes(channel, self.encoder.stats().classes);
+        self.writer.reclaim(spare);
+        for buf in spare.drain(..) {
+            self.encoder.recycle(buf);
+        }
+        if self.adaptive {
+            self.adapt();
         }
     }
 

@@ -12,8 +12,9 @@ use pagestream_transport::control::AcceptLimits;
 use pagestream_transport::memory::FaultPlan;
 use pagestream_transport::net::Log;
 use pagestream_transport::{
-    Acceptor, Connector, ReceiveSummary, ReceiverConfig, ReceiverEvent, SendSummary, Sender,
-    SenderConfig, TcpAcceptor, TcpBackend, TcpConnector, TransportError, accept, memory_network,
+    Acceptor, Connector, PageSource, ReceiveSummary, ReceiverConfig, ReceiverEvent, SendSummary,
+    Sender, SenderConfig, TcpAcceptor, TcpBackend, TcpConnector, TransportError, accept,
+    memory_network,
 };
 
 /// A log that remembers its lines, so tests can check what was said.
@@ -81,30 +82,13 @@ struct Outcome {
 /// `acceptor`, destination on its own thread.
 fn migrate(
     connector: Box<dyn Connector>,
-    mut acceptor: Box<dyn Acceptor + Send>,
+    acceptor: Box<dyn Acceptor + Send>,
     sender_config: SenderConfig,
     receiver_config: ReceiverConfig,
     sink_wrapper: Option<FailurePlan>,
 ) -> Outcome {
     let layout = MemoryLayout::new(vec![1500, 548]).unwrap();
-    let receiver = thread::spawn(move || {
-        let pending = accept(acceptor.as_mut(), &receiver_config)?;
-        let mut image = MemoryImage::zeroed(pending.layout().clone());
-        let mut events = Vec::new();
-        let summary = {
-            let writers = image.shard_writers(pending.shard_map());
-            let sinks: Vec<FailingSink<'_>> = writers
-                .into_iter()
-                .enumerate()
-                .map(|(i, w)| FailingSink {
-                    inner: w,
-                    fail: sink_wrapper.map(|f| f(i)),
-                })
-                .collect();
-            pending.run(acceptor.as_mut(), sinks, |e| events.push(e))?
-        };
-        Ok::<_, TransportError>((summary, image, events))
-    });
+    let receiver = spawn_destination(acceptor, receiver_config, sink_wrapper);
 
     let mut source = guest(&layout, 42);
     let sent = (|| {
@@ -134,6 +118,35 @@ fn migrate(
         source,
         events,
     }
+}
+
+/// What a destination thread returns: its summary, the memory it received, its events.
+type Destination = Result<(ReceiveSummary, MemoryImage, Vec<ReceiverEvent>), TransportError>;
+
+/// Runs the destination of one session on its own thread, into fresh memory.
+fn spawn_destination(
+    mut acceptor: Box<dyn Acceptor + Send>,
+    receiver_config: ReceiverConfig,
+    sink_wrapper: Option<FailurePlan>,
+) -> thread::JoinHandle<Destination> {
+    thread::spawn(move || {
+        let pending = accept(acceptor.as_mut(), &receiver_config)?;
+        let mut image = MemoryImage::zeroed(pending.layout().clone());
+        let mut events = Vec::new();
+        let summary = {
+            let writers = image.shard_writers(pending.shard_map());
+            let sinks: Vec<FailingSink<'_>> = writers
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| FailingSink {
+                    inner: w,
+                    fail: sink_wrapper.map(|f| f(i)),
+                })
+                .collect();
+            pending.run(acceptor.as_mut(), sinks, |e| events.push(e))?
+        };
+        Ok((summary, image, events))
+    })
 }
 
 /// Which pages a channel's sink refuses.
@@ -692,4 +705,123 @@ fn a_sink_waiting_on_the_application_is_released_when_the_session_fails() {
     }
     let received = receiver.join().unwrap();
     assert!(received.is_err(), "the destination must fail");
+}
+
+/// Guest memory the channel workers read themselves, which the test's "guest" writes between
+/// passes.
+struct SharedGuest(std::sync::RwLock<MemoryImage>);
+
+impl PageSource for SharedGuest {
+    fn copy_page(&self, addr: PageAddr, out: &mut Page) -> bool {
+        self.0.read().unwrap().copy_page(addr, out)
+    }
+}
+
+#[test]
+fn workers_read_shared_memory_mixed_with_copied_pages() {
+    for (connector, acceptor) in [
+        {
+            let (c, a) = memory_network(vec![], 3);
+            (
+                Box::new(c) as Box<dyn Connector>,
+                Box::new(a) as Box<dyn Acceptor + Send>,
+            )
+        },
+        tcp_pair(TcpBackend::Uring),
+    ] {
+        let (sender_config, receiver_config) = configs(3);
+        let layout = MemoryLayout::new(vec![1500, 548]).unwrap();
+        let receiver = spawn_destination(acceptor, receiver_config, None);
+        let guest_memory = Arc::new(SharedGuest(std::sync::RwLock::new(guest(&layout, 7))));
+        let source: Arc<dyn PageSource> = guest_memory.clone();
+        let sent = (|| {
+            let mut sender = Sender::connect(connector, layout.clone(), sender_config)?;
+            let all: Vec<PageAddr> = guest_memory.0.read().unwrap().addresses().collect();
+            sender.send_shared(&source, 0, all.iter().copied())?;
+            sender.end_pass(0)?;
+            // Pass 1: the guest wrote every third page; half of them go as copies, half
+            // read by the workers, and some pages go both ways, copy first: the worker's
+            // later read must win.
+            let changed = dirty(&mut guest_memory.0.write().unwrap(), 3, 0x33);
+            for &addr in changed.iter().filter(|a| a.index % 2 == 0) {
+                let mut page = [0; PAGE_SIZE];
+                assert!(guest_memory.copy_page(addr, &mut page));
+                sender.send_page(addr, 1, &page)?;
+            }
+            let stale = [0xee; PAGE_SIZE];
+            sender.send_page(changed[1], 1, &stale)?;
+            sender.send_shared(
+                &source,
+                1,
+                changed.iter().copied().filter(|a| a.index % 2 == 1),
+            )?;
+            sender.end_pass(1)?;
+            sender.wait_applied(1)?;
+            sender.finish()
+        })();
+        let sent = sent.expect("source succeeded");
+        let (received, image, _) = receiver.join().unwrap().expect("destination succeeded");
+        assert!(
+            image == *guest_memory.0.read().unwrap(),
+            "destination memory differs from the shared source"
+        );
+        assert_eq!(sent.stats.pages(), received.stats.pages());
+        assert_eq!(sent.pages_applied, received.stats.pages());
+    }
+}
+
+#[test]
+fn an_address_outside_memory_is_refused_after_the_pages_before_it() {
+    let (c, a) = memory_network(vec![], 2);
+    let (sender_config, receiver_config) = configs(2);
+    let layout = MemoryLayout::new(vec![64]).unwrap();
+    let receiver = spawn_destination(Box::new(a), receiver_config, None);
+    let memory = guest(&layout, 9);
+    let source: Arc<dyn PageSource> = Arc::new(memory.clone());
+    let mut sender = Sender::connect(Box::new(c), layout.clone(), sender_config).unwrap();
+    let addrs = (0..32)
+        .map(|i| PageAddr::new(0, i))
+        .chain([PageAddr::new(0, 64), PageAddr::new(0, 40)]);
+    let err = sender.send_shared(&source, 0, addrs).expect_err("refused");
+    let text = pagestream_transport::error::full_message(&err);
+    assert!(text.contains("outside guest memory"), "{text}");
+    // The session goes on: the rest of memory, then the end.
+    sender
+        .send_shared(&source, 0, (32..64).map(|i| PageAddr::new(0, i)))
+        .unwrap();
+    sender.finish().expect("the session finishes");
+    let (_, image, _) = receiver.join().unwrap().expect("destination succeeded");
+    assert!(
+        image == memory,
+        "pages before the refused address were lost"
+    );
+}
+
+#[test]
+fn a_page_source_without_the_page_fails_both_ends() {
+    let (c, a) = memory_network(vec![], 2);
+    let (sender_config, receiver_config) = configs(2);
+    let layout = MemoryLayout::new(vec![64]).unwrap();
+    let receiver = spawn_destination(Box::new(a), receiver_config, None);
+    // The memory given to the workers is smaller than the session's.
+    let small = guest(&MemoryLayout::new(vec![16]).unwrap(), 3);
+    let source: Arc<dyn PageSource> = Arc::new(small);
+    let sent = (|| {
+        let mut sender = Sender::connect(Box::new(c), layout.clone(), sender_config)?;
+        sender.send_shared(&source, 0, (0..64).map(|i| PageAddr::new(0, i)))?;
+        sender.finish()
+    })();
+    let err = sent.expect_err("the source must fail");
+    let text = pagestream_transport::error::full_message(&err);
+    assert!(
+        text.contains("not in the memory the pages are read from"),
+        "{text}"
+    );
+    assert!(text.contains("channel"), "the channel is not named: {text}");
+    let received = receiver.join().unwrap();
+    let text = pagestream_transport::error::full_message(&received.err().expect("must fail"));
+    assert!(
+        text.contains("not in the memory the pages are read from"),
+        "{text}"
+    );
 }
