@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, ram_bytes};
+use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
 use serde_json::json;
 
 const MEMORY_MIB: u32 = 256;
@@ -130,27 +130,15 @@ fn wait_exit(p: &mut Proc, timeout: Duration) -> Option<std::process::ExitStatus
 
 /// Waits until an incoming VM has loaded its migration (it leaves the `inmigrate` state).
 fn wait_loaded(vm: &mut QemuVm) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = vm.status().unwrap();
-        if status != "inmigrate" {
-            assert_eq!(
-                status, "paused",
-                "the destination did not load the migration"
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the destination is still loading after 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = vm.wait_loaded(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        status, "paused",
+        "the destination did not load the migration"
+    );
 }
 
 fn memory(vm: &mut QemuVm, path: &Path) -> Vec<u8> {
-    vm.pmemsave(path, ram_bytes(MEMORY_MIB)).unwrap();
-    std::fs::read(path).unwrap()
+    vm.memory(path, ram_bytes(MEMORY_MIB)).unwrap()
 }
 
 struct Setup {
@@ -235,17 +223,7 @@ fn migrate_and_verify(mut s: Setup, send_says: &[&str], recv_says: &[&str]) {
     wait_loaded(&mut s.dst);
     let a = memory(&mut s.src, &s.scratch.0.join("src.mem"));
     let b = memory(&mut s.dst, &s.scratch.0.join("dst.mem"));
-    assert_eq!(a.len() as u64, ram_bytes(MEMORY_MIB));
-    assert_eq!(a.len(), b.len());
-    let differing = a
-        .chunks(4096)
-        .zip(b.chunks(4096))
-        .filter(|(x, y)| x != y)
-        .count();
-    assert_eq!(
-        differing, 0,
-        "{differing} pages differ between source and destination"
-    );
+    check_identical(&a, &b, "between source and destination").unwrap();
     let dir = s.scratch.0.clone();
     for (p, name, mode) in [
         (&mut s.send, "send.log", send_says),

@@ -268,6 +268,44 @@ impl QemuVm {
         Ok(())
     }
 
+    /// Guest physical memory `0..bytes`, through a `pmemsave` to `path`.
+    pub fn memory(&mut self, path: &Path, bytes: u64) -> Result<Vec<u8>, VmError> {
+        self.pmemsave(path, bytes)?;
+        let memory = std::fs::read(path).map_err(|e| {
+            VmError::Guest(format!(
+                "cannot read the memory dump {}: {e}",
+                path.display()
+            ))
+        })?;
+        if memory.len() as u64 != bytes {
+            return Err(VmError::Guest(format!(
+                "the memory dump {} holds {} bytes, not {bytes}",
+                path.display(),
+                memory.len()
+            )));
+        }
+        Ok(memory)
+    }
+
+    /// Waits up to `timeout` for an incoming migration to be loaded; returns the state QEMU
+    /// is in then (`paused` for a destination started with `-S`).
+    pub fn wait_loaded(&mut self, timeout: Duration) -> Result<String, VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status()?;
+            if status != "inmigrate" {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::Guest(format!(
+                    "still loading the incoming migration after {} s",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the QEMU process is still alive.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -290,5 +328,59 @@ impl Drop for QemuVm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The indexes of the 4 KiB pages that differ between two memory dumps of the same size (and
+/// of the tail of the longer one, if they differ in size).
+pub fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
+    const PAGE: usize = 4096;
+    let pages = a.len().max(b.len()).div_ceil(PAGE);
+    fn page(m: &[u8], i: usize) -> &[u8] {
+        let start = (i * PAGE).min(m.len());
+        &m[start..((i + 1) * PAGE).min(m.len())]
+    }
+    (0..pages).filter(|&i| page(a, i) != page(b, i)).collect()
+}
+
+/// Checks that two memory dumps are bit-identical; the error names how many pages differ and
+/// the first few.
+pub fn check_identical(a: &[u8], b: &[u8], what: &str) -> Result<(), String> {
+    let differing = differing_pages(a, b);
+    if differing.is_empty() {
+        return Ok(());
+    }
+    let first: Vec<String> = differing
+        .iter()
+        .take(8)
+        .map(|i| format!("{i:#x}"))
+        .collect();
+    Err(format!(
+        "{} pages differ {what} (first: {})",
+        differing.len(),
+        first.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_dumps_are_compared_page_by_page() {
+        let a = vec![7u8; 4 * 4096];
+        let mut b = a.clone();
+        assert!(differing_pages(&a, &b).is_empty());
+        assert!(check_identical(&a, &b, "here").is_ok());
+        b[4096 + 17] ^= 1;
+        b[3 * 4096] ^= 1;
+        assert_eq!(differing_pages(&a, &b), vec![1, 3]);
+        let err = check_identical(&a, &b, "between source and destination").unwrap_err();
+        assert_eq!(
+            err,
+            "2 pages differ between source and destination (first: 0x1, 0x3)"
+        );
+        // A shorter dump differs in its missing pages, a partial last page included.
+        assert_eq!(differing_pages(&a, &a[..4096 + 100]), vec![1, 2, 3]);
     }
 }

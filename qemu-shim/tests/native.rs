@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, ram_bytes};
+use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -49,33 +49,10 @@ fn native_migration_gives_identical_memory() {
         "the migration must take several passes to show anything: {info}"
     );
     // "completed" on the source: everything is sent; wait until the destination has loaded it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while dst.status().unwrap() == "inmigrate" && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_eq!(dst.wait_loaded(Duration::from_secs(60)).unwrap(), "paused");
     let ram = ram_bytes(256);
-    let (a, b) = (dir.join("src.mem"), dir.join("dst.mem"));
-    src.pmemsave(&a, ram).unwrap();
-    dst.pmemsave(&b, ram).unwrap();
-    // pmemsave returns before the file is complete only in name: wait for both.
-    for f in [&a, &b] {
-        for _ in 0..100 {
-            if std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) == ram {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-    assert_eq!(x.len() as u64, ram);
-    let differing = x
-        .chunks(4096)
-        .zip(y.chunks(4096))
-        .filter(|(p, q)| p != q)
-        .count();
-    assert_eq!(
-        differing, 0,
-        "{differing} pages differ after a native migration"
-    );
+    let x = src.memory(&dir.join("src.mem"), ram).unwrap();
+    let y = dst.memory(&dir.join("dst.mem"), ram).unwrap();
+    check_identical(&x, &y, "after a native migration").unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }

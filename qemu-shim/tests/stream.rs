@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pagestream_qemu_shim::stream::{Event, Parser, RamBlock, write_page_record};
-use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, ram_bytes};
+use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -124,34 +124,15 @@ fn a_real_stream_parsed_and_rebuilt_loads_bit_identical() {
         &config("dst", Some(format!("exec:cat {}", replay.display()))),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = dst.status().unwrap();
-        if status != "inmigrate" {
-            assert_eq!(
-                status, "paused",
-                "the destination did not load the rebuilt stream"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "still loading after 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let ram = ram_bytes(256);
-    let (a, b) = (dir.join("src.mem"), dir.join("dst.mem"));
-    src.pmemsave(&a, ram).unwrap();
-    dst.pmemsave(&b, ram).unwrap();
-    let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-    assert_eq!(x.len() as u64, ram);
-    let differing = x
-        .chunks(4096)
-        .zip(y.chunks(4096))
-        .filter(|(p, q)| p != q)
-        .count();
     assert_eq!(
-        differing, 0,
-        "{differing} pages differ after loading the rebuilt stream"
+        dst.wait_loaded(Duration::from_secs(60)).unwrap(),
+        "paused",
+        "the destination did not load the rebuilt stream"
     );
+    let ram = ram_bytes(256);
+    let x = src.memory(&dir.join("src.mem"), ram).unwrap();
+    let y = dst.memory(&dir.join("dst.mem"), ram).unwrap();
+    check_identical(&x, &y, "after loading the rebuilt stream").unwrap();
     drop((src, dst));
     std::fs::remove_dir_all(&dir).ok();
 }
