@@ -3,6 +3,7 @@
 //! destination checked page for page.
 
 use std::net::TcpListener;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -12,8 +13,8 @@ use pagestream_benches::imagegen::{self, ContentKind, Mix, Rng, parse_size};
 use pagestream_transport::channel::DEFAULT_MAX_FRAME_BODY;
 use pagestream_transport::net::stderr_log;
 use pagestream_transport::{
-    Compression, ReceiveSummary, ReceiverConfig, Sender, SenderConfig, StatsSnapshot, TcpAcceptor,
-    TcpBackend, TcpConnector, accept, default_channels,
+    Compression, PageSource, ReceiveSummary, ReceiverConfig, Sender, SenderConfig, StatsSnapshot,
+    TcpAcceptor, TcpBackend, TcpConnector, accept, default_channels,
 };
 
 use crate::progress;
@@ -72,9 +73,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let (bytes, _) =
         imagegen::generate(&Mix::realistic(), size, args.seed, |d| bar.set_position(d));
     bar.finish();
-    let mut source = MemoryImage::from_bytes(bytes);
-    let mut dest = MemoryImage::zeroed(source.layout().clone());
-    let layout = source.layout().clone();
+    // Guest memory the channel workers read themselves (`Sender::send_shared`), as they would a
+    // VMM's; the guest writes to it between passes.
+    let source = Arc::new(RwLock::new(MemoryImage::from_bytes(bytes)));
+    let layout = read(&source).layout().clone();
+    let mut dest = MemoryImage::zeroed(layout.clone());
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback")?;
     let addr = listener.local_addr()?;
 
@@ -103,7 +106,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             compression,
             log: log.clone(),
         };
-        let sent = migrate(&mut source, layout, &session, args.seed);
+        let sent = migrate(&source, layout, &session, args.seed);
         let received = receiver
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the destination thread panicked")));
@@ -113,7 +116,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     received.context("the destination failed")?;
 
     let spinner = progress::spinner("comparing destination memory with the source");
-    let identical = dest == source;
+    let identical = dest == *read(&source);
     spinner.finish_and_clear();
     print_report(&passes, size);
     println!(
@@ -153,7 +156,7 @@ struct Session {
 
 /// The source side: three passes, the guest writing in between, each pass confirmed applied.
 fn migrate(
-    source: &mut MemoryImage,
+    source: &Arc<RwLock<MemoryImage>>,
     layout: pagecodec::MemoryLayout,
     session: &Session,
     seed: u64,
@@ -168,7 +171,8 @@ fn migrate(
     let mut sender = Sender::connect(Box::new(connector), layout, config)?;
     let mut rng = Rng::new(seed ^ 0xd1e7);
     let mut passes = Vec::new();
-    let mut dirty: Vec<PageAddr> = source.addresses().collect();
+    let memory: Arc<dyn PageSource> = source.clone();
+    let mut dirty: Vec<PageAddr> = read(source).addresses().collect();
     for generation in 0..=DIRTY_PERCENT.len() as u32 {
         let last = generation as usize == DIRTY_PERCENT.len();
         let label = if generation == 0 {
@@ -181,13 +185,13 @@ fn migrate(
         let bar = progress::bytes_bar(dirty.len() as u64 * PAGE_SIZE as u64, &label);
         let before = sender.stats();
         let started = Instant::now();
-        for (i, &addr) in dirty.iter().enumerate() {
-            let page = source.page(addr).context("page outside guest memory")?;
-            sender.send_page(addr, generation, page)?;
+        let queued = dirty.iter().enumerate().map(|(i, &addr)| {
             if i % 256 == 0 {
                 bar.set_position(i as u64 * PAGE_SIZE as u64);
             }
-        }
+            addr
+        });
+        sender.send_shared(&memory, generation, queued)?;
         sender.end_pass(generation)?;
         sender.wait_applied(generation)?;
         bar.set_position(dirty.len() as u64 * PAGE_SIZE as u64);
@@ -197,7 +201,8 @@ fn migrate(
             PassStats::between(&before, &sender.stats(), started.elapsed()),
         ));
         if !last {
-            dirty = guest_writes(source, &mut rng, DIRTY_PERCENT[generation as usize]);
+            let mut guest = source.write().unwrap_or_else(PoisonError::into_inner);
+            dirty = guest_writes(&mut guest, &mut rng, DIRTY_PERCENT[generation as usize]);
         }
     }
     let summary = sender.finish()?;
@@ -208,6 +213,11 @@ fn migrate(
         .map(|c| c.compression_level)
         .collect();
     Ok(Migrated { passes, levels })
+}
+
+/// The guest's memory, to read.
+fn read(memory: &RwLock<MemoryImage>) -> std::sync::RwLockReadGuard<'_, MemoryImage> {
+    memory.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What one pass moved.

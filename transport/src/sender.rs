@@ -168,6 +168,16 @@ impl PageSource for MemoryImage {
     }
 }
 
+/// Memory an application writes between passes (a test's or a demo's guest): workers read it
+/// under the read lock, page by page.
+impl PageSource for std::sync::RwLock<MemoryImage> {
+    fn copy_page(&self, addr: PageAddr, out: &mut Page) -> bool {
+        self.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .copy_page(addr, out)
+    }
+}
+
 /// Pages a worker copies from a [`PageSource`] itself.
 struct SharedBatch {
     generation: Generation,

@@ -707,16 +707,6 @@ fn a_sink_waiting_on_the_application_is_released_when_the_session_fails() {
     assert!(received.is_err(), "the destination must fail");
 }
 
-/// Guest memory the channel workers read themselves, which the test's "guest" writes between
-/// passes.
-struct SharedGuest(std::sync::RwLock<MemoryImage>);
-
-impl PageSource for SharedGuest {
-    fn copy_page(&self, addr: PageAddr, out: &mut Page) -> bool {
-        self.0.read().unwrap().copy_page(addr, out)
-    }
-}
-
 #[test]
 fn workers_read_shared_memory_mixed_with_copied_pages() {
     for (connector, acceptor) in [
@@ -732,17 +722,17 @@ fn workers_read_shared_memory_mixed_with_copied_pages() {
         let (sender_config, receiver_config) = configs(3);
         let layout = MemoryLayout::new(vec![1500, 548]).unwrap();
         let receiver = spawn_destination(acceptor, receiver_config, None);
-        let guest_memory = Arc::new(SharedGuest(std::sync::RwLock::new(guest(&layout, 7))));
+        let guest_memory = Arc::new(std::sync::RwLock::new(guest(&layout, 7)));
         let source: Arc<dyn PageSource> = guest_memory.clone();
         let sent = (|| {
             let mut sender = Sender::connect(connector, layout.clone(), sender_config)?;
-            let all: Vec<PageAddr> = guest_memory.0.read().unwrap().addresses().collect();
+            let all: Vec<PageAddr> = guest_memory.read().unwrap().addresses().collect();
             sender.send_shared(&source, 0, all.iter().copied())?;
             sender.end_pass(0)?;
             // Pass 1: the guest wrote every third page; half of them go as copies, half
             // read by the workers, and some pages go both ways, copy first: the worker's
             // later read must win.
-            let changed = dirty(&mut guest_memory.0.write().unwrap(), 3, 0x33);
+            let changed = dirty(&mut guest_memory.write().unwrap(), 3, 0x33);
             for &addr in changed.iter().filter(|a| a.index % 2 == 0) {
                 let mut page = [0; PAGE_SIZE];
                 assert!(guest_memory.copy_page(addr, &mut page));
@@ -762,7 +752,7 @@ fn workers_read_shared_memory_mixed_with_copied_pages() {
         let sent = sent.expect("source succeeded");
         let (received, image, _) = receiver.join().unwrap().expect("destination succeeded");
         assert!(
-            image == *guest_memory.0.read().unwrap(),
+            image == *guest_memory.read().unwrap(),
             "destination memory differs from the shared source"
         );
         assert_eq!(sent.stats.pages(), received.stats.pages());
