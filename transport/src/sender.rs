@@ -154,9 +154,21 @@ pub trait PageSource: Send + Sync {
     /// the encoder looks only at the copy (zero test, digest, compression), and a page written
     /// meanwhile is dirty and goes again in the next pass.
     fn copy_page(&self, addr: PageAddr, out: &mut Page) -> bool;
+
+    /// The page at `addr` itself, for memory that nothing writes while it is borrowed (what a
+    /// shared reference promises anyway: an image in the process's own memory, a snapshot);
+    /// the worker then encodes straight from it and skips the copy. Guest memory of a running
+    /// VM cannot give one: the default, `None`, has the worker copy the page first.
+    fn page(&self, _addr: PageAddr) -> Option<&Page> {
+        None
+    }
 }
 
 impl PageSource for MemoryImage {
+    fn page(&self, addr: PageAddr) -> Option<&Page> {
+        MemoryImage::page(self, addr)
+    }
+
     fn copy_page(&self, addr: PageAddr, out: &mut Page) -> bool {
         match self.page(addr) {
             Some(page) => {
@@ -1124,11 +1136,13 @@ impl Worker {
                 }
                 Work::Shared(batch) => {
                     for &addr in &batch.addrs {
-                        if !batch.source.copy_page(addr, &mut self.page) {
-                            return Err(TransportError::NotInSource { channel, addr });
-                        }
+                        let page = match batch.source.page(addr) {
+                            Some(page) => page,
+                            None if batch.source.copy_page(addr, &mut self.page) => &self.page,
+                            None => return Err(TransportError::NotInSource { channel, addr }),
+                        };
                         self.encoder
-                            .encode(addr, batch.generation, &self.page)
+                            .encode(addr, batch.generation, page)
                             .map_err(|source| TransportError::Encode { channel, source })?;
                         self.send_frames()?;
                     }
