@@ -4,7 +4,7 @@
 //! bit-identical memory.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pagestream_qemu_shim::stream::{Event, Parser, RamBlock, write_page_record};
 use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};

@@ -809,7 +809,10 @@ fn a_page_source_without_the_page_fails_both_ends() {
     );
     assert!(text.contains("channel"), "the channel is not named: {text}");
     let received = receiver.join().unwrap();
-    let text = pagestream_transport::error::full_message(&received.err().expect("must fail"));
+    let Err(err) = received else {
+        panic!("the destination must fail");
+    };
+    let text = pagestream_transport::error::full_message(&err);
     assert!(
         text.contains("not in the memory the pages are read from"),
         "{text}"
