@@ -286,6 +286,14 @@ fn cache_slots(cache: &'static str, bytes: u64) -> Result<u32, EncodeError> {
     u32::try_from(slots).map_err(|_| EncodeError::CacheTooLarge { cache, bytes })
 }
 
+/// The largest frame body an encoder closing frames at `target_frame_bytes` can produce: a
+/// frame is closed as soon as its body reaches the target, and what is written before that
+/// check is at most the pending pages plus one record. A receiver whose frame limit is below
+/// this cannot take such a stream.
+pub fn max_frame_body(target_frame_bytes: u32) -> usize {
+    target_frame_bytes as usize + MAX_PENDING_LEN + MAX_RECORD_OVERHEAD + PAGE_SIZE
+}
+
 impl Encoder {
     /// A new stream; its Start frame is ready at once.
     pub fn new(config: EncoderConfig) -> Result<Self, EncodeError> {
@@ -367,15 +375,9 @@ impl Encoder {
         Ok(encoder)
     }
 
-    /// Bytes a frame buffer needs: a frame is closed as soon as its body reaches the target, and
-    /// what is written before that check is at most the pending pages plus one record.
+    /// Bytes a frame buffer needs: a header, the largest body, the trailer.
     fn frame_capacity(&self) -> usize {
-        HEADER_LEN
-            + self.target_frame_bytes
-            + MAX_PENDING_LEN
-            + MAX_RECORD_OVERHEAD
-            + PAGE_SIZE
-            + TRAILER_LEN
+        HEADER_LEN + max_frame_body(self.target_frame_bytes as u32) + TRAILER_LEN
     }
 
     fn new_frame_buffer(&mut self) -> Vec<u8> {

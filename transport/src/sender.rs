@@ -18,7 +18,7 @@ use pagecodec::{
     PageAddr, ShardMap,
 };
 
-use crate::channel::FrameWriter;
+use crate::channel::{DEFAULT_MAX_FRAME_BODY, FrameWriter};
 use crate::control::{
     Hello, Join, KNOWN_FEATURES, MAX_BLOB_CHUNK, MAX_CHANNELS, Message, MessageReader,
     PROTOCOL_VERSION, SessionId,
@@ -86,8 +86,10 @@ pub struct SenderConfig {
     pub delta_cache_bytes: u64,
     /// How much of the content to compress.
     pub compression: Compression,
-    /// Size at which the encoders close a frame (it must stay under the destination's frame
-    /// limit, 1 MiB by default).
+    /// Size at which the encoders close a frame. A frame may overshoot it by a group of pages
+    /// and one record ([`pagecodec::encoder::max_frame_body`]), and must still fit the
+    /// destination's frame limit ([`DEFAULT_MAX_FRAME_BODY`]): [`Sender::connect`] refuses a
+    /// size that would not.
     pub frame_bytes: u32,
     /// Where log lines go.
     pub log: Log,
@@ -264,6 +266,14 @@ impl Sender {
         if channels == 0 || channels > MAX_CHANNELS {
             return Err(TransportError::Usage(format!(
                 "channel count {channels} is out of range (1 to {MAX_CHANNELS})"
+            )));
+        }
+        let largest_frame = pagecodec::encoder::max_frame_body(config.frame_bytes);
+        if largest_frame > DEFAULT_MAX_FRAME_BODY as usize {
+            return Err(TransportError::Usage(format!(
+                "a frame size of {} bytes makes frame bodies of up to {largest_frame} bytes, more \
+                 than the {DEFAULT_MAX_FRAME_BODY} a destination accepts",
+                config.frame_bytes
             )));
         }
         let session_id = SessionId::random().map_err(|source| TransportError::Connect {

@@ -8,6 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pagecodec::{MemoryImage, MemoryLayout, PAGE_SIZE, Page, PageAddr, PageSink, SinkError};
+use pagestream_transport::channel::DEFAULT_MAX_FRAME_BODY;
 use pagestream_transport::control::AcceptLimits;
 use pagestream_transport::memory::FaultPlan;
 use pagestream_transport::net::Log;
@@ -286,7 +287,9 @@ fn io_uring_refused_falls_back_with_a_log_line() {
 
 #[test]
 fn tiny_and_large_frames() {
-    for frame_bytes in [512, 900 << 10] {
+    // The largest frame size whose frames still fit the destination's limit.
+    let largest = (DEFAULT_MAX_FRAME_BODY as usize - pagecodec::encoder::max_frame_body(0)) as u32;
+    for frame_bytes in [512, largest] {
         for backend in [TcpBackend::Uring, TcpBackend::Blocking] {
             let (c, a) = tcp_pair(backend);
             let (mut s, r) = configs(2);
@@ -299,10 +302,21 @@ fn tiny_and_large_frames() {
                 // up to 16 pages, or one raw page) per frame.
                 assert!(frames > 300, "{frames} frames for 512-byte frames");
             } else {
-                assert!(frames < 40, "{frames} frames for 900 KiB frames");
+                assert!(frames < 40, "{frames} frames for {largest}-byte frames");
             }
         }
     }
+    // One byte more could make a frame the destination refuses: the source says so at once.
+    let (c, _a) = memory_network(vec![], 2);
+    let (mut s, _) = configs(2);
+    s.frame_bytes = largest + 1;
+    let layout = MemoryLayout::new(vec![16]).unwrap();
+    let err = Sender::connect(Box::new(c), layout, s).expect_err("refused");
+    let text = pagestream_transport::error::full_message(&err);
+    assert!(
+        text.contains("more than the 1048576 a destination accepts"),
+        "{text}"
+    );
 }
 
 #[test]
