@@ -18,10 +18,10 @@
 //! section's header): the order QEMU's loader needs. The source marks the last blob before a
 //! pass's pages ([`BLOB_BYTES_THEN_PAGES`]); once that is written, the pass's pages are written
 //! as they arrive, without waiting for the pass to end, so the destination QEMU loads while the
-//! link carries. Pages of later passes wait in the staging area, and when it holds
-//! [`STAGED_LIMIT`] bytes the channels stop reading: the source feels the destination's pace
-//! through the link, and the destination never lags far behind (which would lengthen the
-//! downtime). Pages the codec found unchanged are not written at all: the destination QEMU
+//! link carries. Pages of later passes wait in the staging area, and when it and the writer
+//! hold [`STAGED_LIMIT`] bytes between them the channels stop reading (pages the writer may
+//! write only while it has others to write): the source feels the destination's pace through
+//! the link, and the destination never lags far behind (which would lengthen the downtime). Pages the codec found unchanged are not written at all: the destination QEMU
 //! already holds that content.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -560,6 +560,8 @@ struct StagingState {
     writable: Option<Generation>,
     /// Page bytes held (see [`Bucket::staged_bytes`]).
     held: usize,
+    /// Page bytes the writer took and has not finished writing to QEMU.
+    in_writer: usize,
     writer_waiting: bool,
     channels_waiting: usize,
     /// The transport delivered everything.
@@ -583,8 +585,19 @@ impl StagingState {
             let ready = std::mem::replace(buckets, later);
             taken.extend(ready.into_values());
         }
-        self.held -= taken.iter().map(Bucket::staged_bytes).sum::<usize>();
+        let bytes = taken.iter().map(Bucket::staged_bytes).sum::<usize>();
+        self.held -= bytes;
+        self.in_writer += bytes;
         taken
+    }
+
+    /// Whether the writer has pages it can write: a batch in hand, or staged pages of passes
+    /// it may write.
+    fn writer_has_pages(&self) -> bool {
+        self.in_writer > 0
+            || self
+                .writable
+                .is_some_and(|w| self.buckets.iter().any(|b| b.range(..=w).next().is_some()))
     }
 }
 
@@ -603,9 +616,12 @@ enum WriterWork {
 }
 
 impl Staging {
-    /// Stores a page from `channel`; waits for room while the staging is full and the page
-    /// belongs to a pass that may not be written yet. Pages that may be written never wait, so
-    /// the pass the writer needs always gets through.
+    /// Stores a page from `channel`; waits for room while the destination's backlog (pages
+    /// staged and pages the writer is writing) reaches [`STAGED_LIMIT`]. A page of a pass that
+    /// may be written waits only while the writer has other pages to write, which it is
+    /// draining: the pages the writer needs always get through, and yet QEMU's pace holds the
+    /// channels back (without that bound a slow destination QEMU let tens of MiB pile up here,
+    /// all of which it still had to load after the source stopped its guest).
     /// Adds the time it waited to `stalled`.
     fn push(
         &self,
@@ -621,7 +637,8 @@ impl Staging {
                 return Err("the destination stopped rebuilding QEMU's stream".into());
             }
             let may_write = state.writable.is_some_and(|w| generation <= w);
-            if may_write || state.held < STAGED_LIMIT {
+            let full = state.held + state.in_writer >= STAGED_LIMIT;
+            if !full || (may_write && !state.writer_has_pages()) {
                 break;
             }
             state.channels_waiting += 1;
@@ -719,6 +736,15 @@ impl Staging {
         }
     }
 
+    /// The writer wrote the pages it took last.
+    fn batch_written(&self) {
+        let mut state = self.state.lock().expect("not poisoned");
+        state.in_writer = 0;
+        if state.channels_waiting > 0 {
+            self.room.notify_all();
+        }
+    }
+
     /// Stream bytes up to pass `tag` are written: its pages may be written as they come.
     fn written_through(&self, tag: u32) {
         let mut state = self.state.lock().expect("not poisoned");
@@ -786,11 +812,13 @@ impl Rebuild<'_> {
                     }
                     // Pages written now need not wait for the next blob to reach QEMU.
                     self.flush()?;
+                    self.staging.batch_written();
                 }
                 WriterWork::Blob { pages, tag, data } => {
                     for bucket in &pages {
                         self.write_bucket(bucket)?;
                     }
+                    self.staging.batch_written();
                     self.blob(tag, &data)?;
                 }
                 WriterWork::Done => return self.flush(),
@@ -1162,10 +1190,48 @@ mod tests {
         assert_eq!(pages_of(staging.next()), [0]);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
-        // Pass 1's bytes are written: its pages flow, the waiting one gets in.
+        staging.batch_written();
+        // Pass 1's bytes are written: its staged pages go to the writer, and once it wrote
+        // them the waiting page gets in.
         staging.written_through(1);
+        assert_eq!(pages_of(staging.next()).len(), future_pages);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting.is_finished());
+        staging.batch_written();
         waiting.join().unwrap().unwrap();
-        assert_eq!(pages_of(staging.next()).len(), future_pages + 1);
+        assert_eq!(pages_of(staging.next()), [9]);
+    }
+
+    #[test]
+    fn pages_the_writer_may_write_wait_while_it_writes_a_full_backlog() {
+        let staging = Arc::new(Staging::default());
+        staging.set_channels(2);
+        staging.written_through(0);
+        let page = [2u8; PAGE_SIZE];
+        let limit_pages = (STAGED_LIMIT / PAGE_SIZE) as u64;
+        for i in 0..limit_pages {
+            staging
+                .push(0, addr(i), 0, Some(&page), &mut Duration::default())
+                .unwrap();
+        }
+        // The writer takes the backlog and writes it to a slow QEMU: a channel's next page of
+        // the same pass waits until that is done.
+        assert_eq!(pages_of(staging.next()).len(), limit_pages as usize);
+        let waiting = {
+            let staging = staging.clone();
+            std::thread::spawn(move || {
+                let mut stalled = Duration::default();
+                staging
+                    .push(1, addr(limit_pages), 0, Some(&page), &mut stalled)
+                    .map(|()| stalled)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting.is_finished());
+        staging.batch_written();
+        let stalled = waiting.join().unwrap().unwrap();
+        assert!(stalled >= Duration::from_millis(40), "{stalled:?}");
+        assert_eq!(pages_of(staging.next()), [limit_pages]);
     }
 
     #[test]
