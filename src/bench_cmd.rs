@@ -79,6 +79,10 @@ pub struct TransportArgs {
     /// percent using zstd (200: all zstd).
     #[arg(long, default_value = "adaptive")]
     compression: String,
+    /// Memory the source may hold in flight (queued pages and frames not yet sent), split
+    /// over the channels; a slow link then slows the producer instead of growing buffers.
+    #[arg(long, default_value = "16M")]
+    inflight: String,
     /// Use blocking sockets instead of io_uring.
     #[arg(long)]
     blocking: bool,
@@ -139,6 +143,7 @@ fn transport(args: TransportArgs) -> Result<()> {
         link,
         repeat: args.repeat,
         compression: parse_compression(&args.compression)?,
+        inflight_bytes: parse_inflight(&args.inflight)?,
         blocking: args.blocking,
     };
     let spinner = progress::spinner("benchmarking");
@@ -156,6 +161,17 @@ fn transport(args: TransportArgs) -> Result<()> {
         bail!("the received image differs from the one sent");
     }
     Ok(())
+}
+
+/// Parses the source's in-flight memory budget, e.g. `16M` (1 MiB to 64 GiB).
+pub fn parse_inflight(text: &str) -> Result<usize> {
+    let bytes = parse_size(text)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("bad --inflight '{text}'"))?;
+    if !(1 << 20..=64 << 30).contains(&bytes) {
+        bail!("--inflight must be between 1M and 64G, not '{text}'");
+    }
+    usize::try_from(bytes).context("--inflight does not fit this machine's address space")
 }
 
 /// Parses `adaptive` or a compression level (0 to 100: percentage of groups LZ4-compressed;

@@ -36,6 +36,10 @@ pub struct DemoArgs {
     /// percent using zstd (200: all zstd).
     #[arg(long, default_value = "adaptive")]
     compression: String,
+    /// Memory the source may hold in flight (queued pages and frames not yet sent), split
+    /// over the channels.
+    #[arg(long, default_value = "16M")]
+    inflight: String,
 }
 
 /// Share of memory the guest dirties before each later pass, in percent.
@@ -55,6 +59,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         bail!("--channels must be between 1 and 64");
     }
     let compression = crate::bench_cmd::parse_compression(&args.compression)?;
+    let inflight_bytes = crate::bench_cmd::parse_inflight(&args.inflight)?;
     let log = stderr_log();
     let backend = TcpBackend::detect(&log);
 
@@ -104,6 +109,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             backend,
             channels,
             compression,
+            inflight_bytes,
             log: log.clone(),
         };
         let sent = migrate(&source, layout, &session, args.seed);
@@ -151,6 +157,7 @@ struct Session {
     backend: TcpBackend,
     channels: u16,
     compression: Compression,
+    inflight_bytes: usize,
     log: pagestream_transport::net::Log,
 }
 
@@ -165,6 +172,7 @@ fn migrate(
     let config = SenderConfig {
         channels: session.channels,
         compression: session.compression,
+        inflight_bytes: session.inflight_bytes,
         log: session.log.clone(),
         ..SenderConfig::default()
     };

@@ -118,7 +118,7 @@ fn codec_bench_with_threads_and_a_ragged_image() {
 
 #[test]
 fn bad_input_gets_a_clear_error_and_a_failure_status() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["codec", "bench", "--image", "/nonexistent/image"],
             "cannot read memory image",
@@ -140,6 +140,11 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
             "--threads",
         ),
         (&["demo", "--size", "1K"], "--size must be between"),
+        (
+            &["demo", "--inflight", "100K"],
+            "--inflight must be between",
+        ),
+        (&["demo", "--inflight", "lots"], "bad --inflight 'lots'"),
     ];
     for (args, message) in cases {
         let out = pagestream(args);
@@ -216,11 +221,14 @@ fn bench_transport_over_loopback() {
         "1",
         "--channels",
         "3",
+        "--inflight",
+        "2M",
         "--json",
     ]);
     assert_eq!(report["link"], "loopback");
     assert!(report["link_mb_s"].is_null());
     assert_eq!(report["channels"], 3);
+    assert_eq!(report["inflight_bytes"], 2 << 20);
     assert!(report["effective_mb_s"].as_f64().unwrap() > 0.0);
 }
 

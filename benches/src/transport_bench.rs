@@ -84,6 +84,8 @@ pub struct TransportBenchConfig {
     pub repeat: u32,
     /// How much to compress.
     pub compression: pagestream_transport::Compression,
+    /// Memory the source may hold in flight.
+    pub inflight_bytes: usize,
     /// Force blocking sockets instead of io_uring.
     pub blocking: bool,
 }
@@ -118,6 +120,8 @@ pub struct TransportBenchReport {
     pub link: String,
     /// Data channels.
     pub channels: u16,
+    /// Memory the source could hold in flight, bytes.
+    pub inflight_bytes: usize,
     /// Data-channel backend.
     pub backend: String,
     /// Pages in the image.
@@ -314,6 +318,7 @@ fn transport_run(
                     let sender_config = SenderConfig {
                         channels: config.channels,
                         compression: config.compression,
+                        inflight_bytes: config.inflight_bytes,
                         log: quiet(),
                         ..SenderConfig::default()
                     };
@@ -427,6 +432,7 @@ pub fn run(
             Link::Shaped { tc_rate, .. } => tc_rate.clone(),
         },
         channels: config.channels,
+        inflight_bytes: config.inflight_bytes,
         backend: median.backend.to_string(),
         pages: raw / PAGE_SIZE as u64,
         raw_bytes: raw,
