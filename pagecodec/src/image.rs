@@ -4,7 +4,7 @@
 use std::marker::PhantomData;
 
 use crate::decoder::{PageSink, SinkError};
-use crate::page::{Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr};
+use crate::page::{Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr, is_zero_page};
 use crate::shard::ShardMap;
 
 /// Guest memory as one byte vector per region.
@@ -120,7 +120,11 @@ impl MemoryImage {
 
 impl PageSink for MemoryImage {
     fn zero(&mut self, addr: PageAddr, _generation: Generation) -> Result<(), SinkError> {
-        self.page_mut(addr).ok_or(OutsideImage { addr })?.fill(0);
+        let page = self.page_mut(addr).ok_or(OutsideImage { addr })?;
+        // See `ShardWriter::zero`.
+        if !is_zero_page(page) {
+            page.fill(0);
+        }
         Ok(())
     }
 
@@ -178,9 +182,17 @@ impl ShardWriter<'_> {
 impl PageSink for ShardWriter<'_> {
     fn zero(&mut self, addr: PageAddr, _generation: Generation) -> Result<(), SinkError> {
         let dst = self.page_ptr(addr)?;
+        // Written only if it is not zero already: a page of fresh memory (a destination's guest
+        // memory before the first pass) reads as zero without being allocated, and writing
+        // zeros into it would allocate and fault in memory for nothing. QEMU's destination does
+        // the same (`buffer_is_zero` before `memset`).
         // SAFETY: `dst` points at PAGE_SIZE bytes inside the image (`page_ptr`), of a page this
-        // writer alone may touch (see the `Send` impl).
-        unsafe { dst.write_bytes(0, PAGE_SIZE) };
+        // writer alone may touch (see the `Send` impl); nothing writes it while it is read here.
+        let current: &Page = unsafe { &*dst.cast::<Page>() };
+        if !is_zero_page(current) {
+            // SAFETY: as above.
+            unsafe { dst.write_bytes(0, PAGE_SIZE) };
+        }
         Ok(())
     }
 
@@ -194,5 +206,30 @@ impl PageSink for ShardWriter<'_> {
         // SAFETY: as in `zero`; `page` is a separate allocation, so the ranges do not overlap.
         unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), dst, PAGE_SIZE) };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_clear_what_was_there_and_leave_zero_pages_alone() {
+        let layout = MemoryLayout::new(vec![8]).unwrap();
+        let mut image = MemoryImage::zeroed(layout.clone());
+        image.page_mut(PageAddr::new(0, 3)).unwrap().fill(9);
+        {
+            let map = ShardMap::new(1).unwrap();
+            let mut writers = image.shard_writers(map);
+            let writer = &mut writers[0];
+            writer.zero(PageAddr::new(0, 3), 1).unwrap();
+            writer.zero(PageAddr::new(0, 4), 1).unwrap();
+            writer
+                .data(PageAddr::new(0, 5), 1, &[7; PAGE_SIZE])
+                .unwrap();
+        }
+        image.zero(PageAddr::new(0, 5), 2).unwrap();
+        image.zero(PageAddr::new(0, 6), 2).unwrap();
+        assert!(image == MemoryImage::zeroed(layout));
     }
 }
