@@ -461,6 +461,18 @@ impl Sender {
         Ok(())
     }
 
+    /// Pages of pass `generation` come next: passes may not go back.
+    fn enter_pass(&mut self, generation: Generation) -> Result<(), TransportError> {
+        if generation < self.generation {
+            return Err(TransportError::Usage(format!(
+                "page of pass {generation} after pass {}: passes may not go back",
+                self.generation
+            )));
+        }
+        self.generation = generation;
+        Ok(())
+    }
+
     /// Queues one page of pass `generation` for sending; blocks while the memory budget is used
     /// up (the link is slower than the caller).
     pub fn send_page(
@@ -475,13 +487,7 @@ impl Sender {
                 "{addr} is outside guest memory"
             )));
         }
-        if generation < self.generation {
-            return Err(TransportError::Usage(format!(
-                "page of pass {generation} after pass {}: passes may not go back",
-                self.generation
-            )));
-        }
-        self.generation = generation;
+        self.enter_pass(generation)?;
         let channel = self.map.shard_of(addr) as usize;
         if self.batches[channel]
             .as_ref()
@@ -527,13 +533,7 @@ impl Sender {
         addrs: impl IntoIterator<Item = PageAddr>,
     ) -> Result<(), TransportError> {
         self.check()?;
-        if generation < self.generation {
-            return Err(TransportError::Usage(format!(
-                "pages of pass {generation} after pass {}: passes may not go back",
-                self.generation
-            )));
-        }
-        self.generation = generation;
+        self.enter_pass(generation)?;
         // Pages given one by one before these go first.
         self.dispatch_all()?;
         let mut batches: Vec<Vec<PageAddr>> = (0..self.channels)
@@ -1012,8 +1012,6 @@ fn next_level(
 struct Window {
     started: Instant,
     blocked: Duration,
-    /// Time spent waiting for the caller's pages.
-    idle: Duration,
     /// Frame bytes handed to the link.
     wire: u64,
 }
@@ -1023,7 +1021,6 @@ impl Window {
         Self {
             started: Instant::now(),
             blocked: Duration::ZERO,
-            idle: Duration::ZERO,
             wire: 0,
         }
     }
@@ -1119,10 +1116,7 @@ impl Worker {
                         .flush()
                         .map_err(|source| TransportError::Channel { channel, source })?;
                     self.window.blocked += waiting.elapsed();
-                    let waiting = Instant::now();
-                    let work = self.work.recv();
-                    self.window.idle += waiting.elapsed();
-                    match work {
+                    match self.work.recv() {
                         Ok(work) => work,
                         Err(_) => return Ok(()),
                     }
