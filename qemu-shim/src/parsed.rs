@@ -21,8 +21,9 @@
 //! link carries. Pages of later passes wait in the staging area, and when it and the writer
 //! hold [`STAGED_LIMIT`] bytes between them the channels stop reading (pages the writer may
 //! write only while it has others to write): the source feels the destination's pace through
-//! the link, and the destination never lags far behind (which would lengthen the downtime). Pages the codec found unchanged are not written at all: the destination QEMU
-//! already holds that content.
+//! the link, and the destination never lags far behind (which would lengthen the downtime).
+//! Pages the codec found unchanged are not written at all: the destination QEMU already holds
+//! that content.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufWriter, Read, Write};
