@@ -221,6 +221,20 @@ fn print_report(r: &TransportBenchReport) {
             "link rate", "", "", link
         );
     }
+    if r.runs_s.len() > 1 {
+        let spread = |runs: &[f64]| {
+            format!(
+                "{:.3}-{:.3} s",
+                runs.first().copied().unwrap_or_default(),
+                runs.last().copied().unwrap_or_default()
+            )
+        };
+        println!(
+            "runs: pagestream {}, raw socket {}",
+            spread(&r.runs_s),
+            spread(&r.baseline_runs_s)
+        );
+    }
     println!();
     print!("effective {:.2}x the raw baseline", r.effective_vs_baseline);
     if let Some(share) = r.wire_vs_link {

@@ -229,6 +229,8 @@ fn bench_transport_over_loopback() {
     assert!(report["link_mb_s"].is_null());
     assert_eq!(report["channels"], 3);
     assert_eq!(report["inflight_bytes"], 2 << 20);
+    assert_eq!(report["runs_s"].as_array().map(Vec::len), Some(1));
+    assert_eq!(report["baseline_runs_s"].as_array().map(Vec::len), Some(1));
     assert!(report["effective_mb_s"].as_f64().unwrap() > 0.0);
 }
 

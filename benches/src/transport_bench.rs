@@ -134,6 +134,10 @@ pub struct TransportBenchReport {
     pub elapsed_s: f64,
     /// Seconds per run, baseline (median).
     pub baseline_elapsed_s: f64,
+    /// Seconds of every transport run, fastest first: the spread on a noisy machine.
+    pub runs_s: Vec<f64>,
+    /// Seconds of every baseline run, fastest first.
+    pub baseline_runs_s: Vec<f64>,
     /// Pages by class, from the median run.
     pub classes: BTreeMap<&'static str, ClassShare>,
     /// Share of LZ4 groups compressed at the end, per channel, percent (median run).
@@ -439,6 +443,8 @@ pub fn run(
         wire_bytes: median.wire_bytes,
         elapsed_s: median.secs,
         baseline_elapsed_s: baseline_secs,
+        runs_s: runs.iter().map(|r| r.secs).collect(),
+        baseline_runs_s: baseline.clone(),
         classes: PageClass::ALL
             .iter()
             .map(|&c| {
