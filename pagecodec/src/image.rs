@@ -120,11 +120,7 @@ impl MemoryImage {
 
 impl PageSink for MemoryImage {
     fn zero(&mut self, addr: PageAddr, _generation: Generation) -> Result<(), SinkError> {
-        let page = self.page_mut(addr).ok_or(OutsideImage { addr })?;
-        // See `ShardWriter::zero`.
-        if !is_zero_page(page) {
-            page.fill(0);
-        }
+        clear_page(self.page_mut(addr).ok_or(OutsideImage { addr })?);
         Ok(())
     }
 
@@ -135,6 +131,16 @@ impl PageSink for MemoryImage {
         page: &Page,
     ) -> Result<(), SinkError> {
         self.write(addr, page)
+    }
+}
+
+/// Makes `page` zero, writing it only if it is not zero already: a page of fresh memory (a
+/// destination's guest memory before the first pass) reads as zero without being allocated,
+/// and writing zeros into it would allocate and fault in memory for nothing. QEMU's destination
+/// does the same (`buffer_is_zero` before `memset`).
+fn clear_page(page: &mut Page) {
+    if !is_zero_page(page) {
+        page.fill(0);
     }
 }
 
@@ -182,17 +188,9 @@ impl ShardWriter<'_> {
 impl PageSink for ShardWriter<'_> {
     fn zero(&mut self, addr: PageAddr, _generation: Generation) -> Result<(), SinkError> {
         let dst = self.page_ptr(addr)?;
-        // Written only if it is not zero already: a page of fresh memory (a destination's guest
-        // memory before the first pass) reads as zero without being allocated, and writing
-        // zeros into it would allocate and fault in memory for nothing. QEMU's destination does
-        // the same (`buffer_is_zero` before `memset`).
         // SAFETY: `dst` points at PAGE_SIZE bytes inside the image (`page_ptr`), of a page this
-        // writer alone may touch (see the `Send` impl); nothing writes it while it is read here.
-        let current: &Page = unsafe { &*dst.cast::<Page>() };
-        if !is_zero_page(current) {
-            // SAFETY: as above.
-            unsafe { dst.write_bytes(0, PAGE_SIZE) };
-        }
+        // writer alone may touch (see the `Send` impl), so no other reference to it exists.
+        clear_page(unsafe { &mut *dst.cast::<Page>() });
         Ok(())
     }
 

@@ -6,11 +6,11 @@
 //! the control connection (barriers, blobs, the end of the session) on the calling thread.
 
 use std::io::Read;
-
-use crossbeam_channel::{Receiver, bounded, select};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded, select};
 
 use pagecodec::{Decoder, DecoderLimits, MemoryLayout, PageSink, ShardMap};
 
