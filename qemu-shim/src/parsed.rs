@@ -1089,10 +1089,50 @@ pub(crate) fn destination_return_path(
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+
     use super::*;
 
     fn addr(index: u64) -> PageAddr {
         PageAddr::new(0, index)
+    }
+
+    /// Stages pages `indexes` of pass `generation` from `channel`, none of which may wait.
+    fn stage(staging: &Staging, channel: usize, generation: Generation, indexes: Range<u64>) {
+        let page = [1u8; PAGE_SIZE];
+        for i in indexes {
+            staging
+                .push(
+                    channel,
+                    addr(i),
+                    generation,
+                    Some(&page),
+                    &mut Duration::default(),
+                )
+                .unwrap();
+        }
+    }
+
+    /// Pushes one page from another thread, which may wait for room; returns how long it did.
+    fn push_later(
+        staging: &Arc<Staging>,
+        channel: usize,
+        index: u64,
+        generation: Generation,
+    ) -> std::thread::JoinHandle<Result<Duration, SinkError>> {
+        let staging = staging.clone();
+        std::thread::spawn(move || {
+            let mut stalled = Duration::default();
+            staging
+                .push(
+                    channel,
+                    addr(index),
+                    generation,
+                    Some(&[1; PAGE_SIZE]),
+                    &mut stalled,
+                )
+                .map(|()| stalled)
+        })
     }
 
     fn pages_of(work: WriterWork) -> Vec<u64> {
@@ -1168,23 +1208,11 @@ mod tests {
         let staging = Arc::new(Staging::default());
         staging.set_channels(1);
         staging.written_through(0);
-        let page = [1u8; PAGE_SIZE];
         let future_pages = STAGED_LIMIT / PAGE_SIZE;
-        for i in 0..future_pages as u64 {
-            staging
-                .push(0, addr(i), 1, Some(&page), &mut Duration::default())
-                .unwrap();
-        }
+        stage(&staging, 0, 1, 0..future_pages as u64);
         // Full: a page of the released pass 0 still gets in; one of pass 1 waits.
-        staging
-            .push(0, addr(0), 0, Some(&page), &mut Duration::default())
-            .unwrap();
-        let waiting = {
-            let staging = staging.clone();
-            std::thread::spawn(move || {
-                staging.push(0, addr(9), 1, Some(&page), &mut Duration::default())
-            })
-        };
+        stage(&staging, 0, 0, 0..1);
+        let waiting = push_later(&staging, 0, 9, 1);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
         // The writer takes pass 0's page; pass 1 is still not released, the page still waits.
@@ -1208,25 +1236,12 @@ mod tests {
         let staging = Arc::new(Staging::default());
         staging.set_channels(2);
         staging.written_through(0);
-        let page = [2u8; PAGE_SIZE];
         let limit_pages = (STAGED_LIMIT / PAGE_SIZE) as u64;
-        for i in 0..limit_pages {
-            staging
-                .push(0, addr(i), 0, Some(&page), &mut Duration::default())
-                .unwrap();
-        }
+        stage(&staging, 0, 0, 0..limit_pages);
         // The writer takes the backlog and writes it to a slow QEMU: a channel's next page of
         // the same pass waits until that is done.
         assert_eq!(pages_of(staging.next()).len(), limit_pages as usize);
-        let waiting = {
-            let staging = staging.clone();
-            std::thread::spawn(move || {
-                let mut stalled = Duration::default();
-                staging
-                    .push(1, addr(limit_pages), 0, Some(&page), &mut stalled)
-                    .map(|()| stalled)
-            })
-        };
+        let waiting = push_later(&staging, 1, limit_pages, 0);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
         staging.batch_written();
@@ -1239,18 +1254,8 @@ mod tests {
     fn a_channel_waiting_for_room_gives_up_when_the_session_ends() {
         let staging = Arc::new(Staging::default());
         staging.set_channels(1);
-        let page = [1u8; PAGE_SIZE];
-        for i in 0..(STAGED_LIMIT / PAGE_SIZE) as u64 {
-            staging
-                .push(0, addr(i), 0, Some(&page), &mut Duration::default())
-                .unwrap();
-        }
-        let waiting = {
-            let staging = staging.clone();
-            std::thread::spawn(move || {
-                staging.push(0, addr(0), 0, Some(&page), &mut Duration::default())
-            })
-        };
+        stage(&staging, 0, 0, 0..(STAGED_LIMIT / PAGE_SIZE) as u64);
+        let waiting = push_later(&staging, 0, 0, 0);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
         staging.release_channels();
