@@ -80,9 +80,18 @@ impl Qmp {
             reader,
             events: Vec::new(),
         };
-        let greeting = qmp.read()?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("no greeting: {greeting}")));
+        // QEMU can emit an event before the greeting (a destination started with
+        // `-incoming exec:...` begins loading at once): such events are kept for `wait_event`
+        // like any other.
+        loop {
+            let message = qmp.read()?;
+            if message.get("QMP").is_some() {
+                break;
+            }
+            if message.get("event").is_none() {
+                return Err(QmpError::Protocol(format!("no greeting: {message}")));
+            }
+            qmp.events.push(message);
         }
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
@@ -167,4 +176,53 @@ impl Qmp {
 pub fn event_time(event: &Value) -> Option<f64> {
     let ts = event.get("timestamp")?;
     Some(ts["seconds"].as_f64()? + ts["microseconds"].as_f64()? / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// A QMP server that sends `before` ahead of its greeting, then answers every command.
+    fn fake_qemu(path: &Path, before: &'static str) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            // A client that refuses what it reads hangs up: writes may fail from then on.
+            let _ = stream.write_all(before.as_bytes());
+            let _ = stream.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n");
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let _ = stream.write_all(b"{\"return\": {}}\n");
+                line.clear();
+            }
+        })
+    }
+
+    #[test]
+    fn an_event_before_the_greeting_is_kept() {
+        let dir = std::env::temp_dir().join(format!("ps-qmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("early-event.qmp");
+        let _ = std::fs::remove_file(&path);
+        let server = fake_qemu(
+            &path,
+            "{\"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\n",
+        );
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        assert_eq!(qmp.events_named("MIGRATION").len(), 1);
+        drop(qmp);
+        server.join().unwrap();
+
+        // Anything else before the greeting is still refused.
+        let _ = std::fs::remove_file(&path);
+        let server = fake_qemu(&path, "{\"return\": {}}\n");
+        let err = Qmp::connect(&path, Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("no greeting"), "{err}");
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
