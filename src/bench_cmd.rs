@@ -38,8 +38,8 @@ pub struct QemuArgs {
     /// Seconds after which a migration counts as not converging (and is cancelled).
     #[arg(long, default_value_t = 60)]
     time_limit: u64,
-    /// Methods to run, comma-separated: native, multifd-zstd, xbzrle, shim (parsing mode),
-    /// shim-opaque.
+    /// Methods to run, comma-separated: native, multifd (uncompressed), multifd-zstd, xbzrle,
+    /// shim (parsing mode), shim-opaque.
     #[arg(long, default_value = "native,multifd-zstd,xbzrle,shim")]
     methods: String,
     /// Print the shims' log lines (progress, summaries with pages by class) to stderr.
@@ -270,10 +270,8 @@ fn qemu(args: QemuArgs) -> Result<()> {
                 .into_iter()
                 .find(|m| m.name() == name.trim())
                 .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "unknown method '{name}' (known: native, multifd-zstd, xbzrle, shim, \
-                         shim-opaque)"
-                    )
+                    let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+                    anyhow::anyhow!("unknown method '{name}' (known: {})", known.join(", "))
                 })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -308,14 +306,15 @@ fn qemu(args: QemuArgs) -> Result<()> {
     );
     println!("machine: {}\n", report.machine);
     println!(
-        "{:<14} {:>10} {:>10} {:>14} {:>12} {:>10}",
-        "method", "total s", "downtime", "on the wire", "converged", "status"
+        "{:<14} {:>10} {:>10} {:>10} {:>14} {:>12} {:>10}",
+        "method", "total s", "setup", "downtime", "on the wire", "converged", "status"
     );
     for r in &report.results {
         println!(
-            "{:<14} {:>10} {:>10} {:>10.1} MiB {:>12} {:>10}",
+            "{:<14} {:>10} {:>10} {:>10} {:>10.1} MiB {:>12} {:>10}",
             r.method.name(),
             r.total_s.map_or("-".into(), |t| format!("{t:.2}")),
+            r.setup_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
             r.downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
             r.wire_bytes as f64 / (1u64 << 20) as f64,
             if r.converged { "yes" } else { "no" },

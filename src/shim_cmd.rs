@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use pagestream_qemu_shim::link::{Compression, Key};
+use pagestream_qemu_shim::multifd::QemuMultifd;
 use pagestream_qemu_shim::relay::{
     DestinationConfig, Endpoint, Mode, SourceConfig, run_destination, run_source,
 };
@@ -61,6 +62,16 @@ pub struct RecvArgs {
     /// port could then feed memory into the VM: use only on a trusted network.
     #[arg(long)]
     allow_remote_without_key: bool,
+    /// The destination QEMU loads pages over N multifd channels of its own, each on its own
+    /// thread (parsing mode; the source QEMU needs no multifd). Before `migrate-incoming`, set
+    /// on the destination QEMU: capability `multifd` on, `multifd-channels` N,
+    /// `multifd-compression` none. QEMU 7.2's multifd format.
+    #[arg(long, value_name = "N")]
+    qemu_multifd: Option<u8>,
+    /// The destination QEMU's uuid (its -uuid), which its multifd channels check. Default: QEMU's
+    /// default, all zero.
+    #[arg(long, value_name = "UUID", requires = "qemu_multifd")]
+    qemu_uuid: Option<String>,
     /// Exit after one migration.
     #[arg(long)]
     once: bool,
@@ -113,6 +124,19 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                 key: key(&args.key_file)?,
                 allow_remote_without_key: args.allow_remote_without_key,
                 compression: Compression::Auto,
+                qemu_multifd: match args.qemu_multifd {
+                    None => None,
+                    Some(0) => bail!("--qemu-multifd must be at least 1 (QEMU's multifd-channels)"),
+                    Some(channels) => Some(QemuMultifd {
+                        channels,
+                        uuid: match &args.qemu_uuid {
+                            Some(text) => QemuMultifd::parse_uuid(text)
+                                .map_err(anyhow::Error::msg)
+                                .context("bad --qemu-uuid")?,
+                            None => [0; 16],
+                        },
+                    }),
+                },
                 once: args.once,
                 log: stderr_log(),
             })

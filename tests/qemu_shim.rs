@@ -73,20 +73,15 @@ fn shim(args: &[&str], log: &Path) -> Proc {
     )
 }
 
-/// The destination shim (feeding `dir/dst.sock`, listening on `port`) and the source shim
-/// (listening on `dir/src.sock`, with `send_args`), logging to `dir/recv.log` and `dir/send.log`.
-fn shims(dir: &Path, port: u16, send_args: &[&str]) -> (Proc, Proc) {
-    let recv = shim(
-        &[
-            "recv",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--qemu",
-            &format!("unix:{}", dir.join("dst.sock").display()),
-            "--once",
-        ],
-        &dir.join("recv.log"),
-    );
+/// The destination shim (feeding `dir/dst.sock`, listening on `port`, with `recv_args`) and
+/// the source shim (listening on `dir/src.sock`, with `send_args`), logging to `dir/recv.log`
+/// and `dir/send.log`.
+fn shims(dir: &Path, port: u16, send_args: &[&str], recv_args: &[&str]) -> (Proc, Proc) {
+    let listen = format!("127.0.0.1:{port}");
+    let qemu = format!("unix:{}", dir.join("dst.sock").display());
+    let mut args = vec!["recv", "--listen", &listen, "--qemu", &qemu, "--once"];
+    args.extend_from_slice(recv_args);
+    let recv = shim(&args, &dir.join("recv.log"));
     let listen = format!("unix:{}", dir.join("src.sock").display());
     let to = format!("127.0.0.1:{port}");
     let mut args = vec!["send", "--listen", &listen, "--to", &to, "--once"];
@@ -162,6 +157,42 @@ fn setup_with(
     send_args: &[&str],
     dirty_rate: u32,
 ) -> Setup {
+    setup_sides(
+        name,
+        caps,
+        params,
+        dirty_rate,
+        Sides {
+            send_args,
+            ..Sides::default()
+        },
+    )
+}
+
+/// What differs between the two hosts of a [`setup_sides`].
+#[derive(Default)]
+struct Sides<'a> {
+    send_args: &'a [&'a str],
+    recv_args: &'a [&'a str],
+    /// Capabilities and parameters of the destination QEMU alone.
+    dst_caps: &'a [(&'a str, bool)],
+    dst_params: Option<serde_json::Value>,
+}
+
+/// Like [`setup_with`], with whatever differs between the hosts in `sides`.
+fn setup_sides(
+    name: &str,
+    caps: &[(&str, bool)],
+    params: serde_json::Value,
+    dirty_rate: u32,
+    sides: Sides<'_>,
+) -> Setup {
+    let Sides {
+        send_args,
+        recv_args,
+        dst_caps,
+        dst_params,
+    } = sides;
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
     let dir = scratch.0.clone();
@@ -170,9 +201,13 @@ fn setup_with(
     let mut dst = vm(&guest, &dir, "dst", Some("defer"), dirty_rate);
     dst.capabilities(caps).unwrap();
     dst.parameters(params.clone()).unwrap();
+    dst.capabilities(dst_caps).unwrap();
+    if let Some(p) = dst_params {
+        dst.parameters(p).unwrap();
+    }
     dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
         .unwrap();
-    let (recv, send) = shims(&dir, port, send_args);
+    let (recv, send) = shims(&dir, port, send_args, recv_args);
     let mut src = vm(&guest, &dir, "src", None, dirty_rate);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
@@ -365,6 +400,95 @@ fn migrates_opaque_with_zstd_and_lz4_and_a_busy_guest() {
     }
 }
 
+#[test]
+fn a_destination_qemu_loads_the_pages_over_its_own_multifd_channels() {
+    // The source QEMU plain, the destination QEMU with 3 multifd channels that its shim feeds
+    // (`--qemu-multifd 3`): a busy guest, so that many sections each need their barriers, and
+    // the return path beside them.
+    let s = setup_sides(
+        "dest-multifd",
+        &[("return-path", true)],
+        busy_guest_params(),
+        20000,
+        Sides {
+            recv_args: &["--qemu-multifd", "3"],
+            dst_caps: &[("multifd", true)],
+            dst_params: Some(json!({ "multifd-channels": 3, "multifd-compression": "none" })),
+            ..Sides::default()
+        },
+    );
+    migrate_and_verify(
+        s,
+        &[PARSING],
+        &[
+            PARSING,
+            "pages into the destination QEMU over its 3 multifd channel(s)",
+        ],
+    );
+}
+
+/// `--qemu-multifd` for a destination QEMU configured otherwise: the migration fails with the
+/// reason named, the source runs on, nothing hangs.
+fn refused_destination_multifd(name: &str, dst_caps: &[(&str, bool)], channels: u32, says: &str) {
+    let mut s = setup_sides(
+        name,
+        &[],
+        json!({}),
+        2000,
+        Sides {
+            recv_args: &["--qemu-multifd", "2"],
+            dst_caps,
+            dst_params: Some(json!({ "multifd-channels": channels })),
+            ..Sides::default()
+        },
+    );
+    let src_sock = s.scratch.0.join("src.sock");
+    s.src
+        .migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    let info = s
+        .src
+        .wait_migration(Duration::from_secs(90))
+        .expect("no hang on the source");
+    assert_eq!(info["status"], "failed", "{info}\n{}", log(&s, "recv.log"));
+    assert_eq!(s.src.status().unwrap(), "running");
+    let dir = s.scratch.0.clone();
+    let status = wait_exit(&mut s.recv, Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "shim still runs: {}\nsource shim: {}",
+            read_log(&dir, "recv.log"),
+            read_log(&dir, "send.log")
+        )
+    });
+    let text = read_log(&dir, "recv.log");
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains(says),
+        "{text}\nsource shim: {}",
+        read_log(&dir, "send.log")
+    );
+}
+
+#[test]
+fn qemu_multifd_for_a_destination_without_multifd_is_refused() {
+    refused_destination_multifd(
+        "dest-multifd-off",
+        &[],
+        2,
+        "is its `multifd` capability on, with `multifd-channels` 2?",
+    );
+}
+
+#[test]
+fn qemu_multifd_for_a_destination_expecting_more_channels_is_refused() {
+    refused_destination_multifd(
+        "dest-multifd-more",
+        &[("multifd", true)],
+        3,
+        "its `multifd-channels` must equal --qemu-multifd 2",
+    );
+}
+
 /// Which shim a test kills.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Victim {
@@ -470,7 +594,7 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
         },
     )
     .expect("QEMU starts");
-    let (mut recv, mut send) = shims(&dir, port, &[]);
+    let (mut recv, mut send) = shims(&dir, port, &[], &[]);
     let mut src = vm(&guest, &dir, "src", None, 2000);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();

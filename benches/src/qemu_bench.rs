@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pagestream_qemu_shim::multifd::QemuMultifd;
 use pagestream_qemu_shim::qmp::event_time;
 use pagestream_qemu_shim::relay::{
     DestinationConfig, Endpoint, Mode, SourceConfig, run_destination, run_source,
@@ -29,24 +30,32 @@ use crate::transport_bench::Link;
 pub enum Method {
     /// QEMU's own `tcp:` migration.
     Native,
+    /// QEMU multifd (2 channels), pages uncompressed.
+    Multifd,
     /// QEMU multifd (2 channels) with zstd compression.
     MultifdZstd,
     /// QEMU with XBZRLE (64 MiB cache).
     Xbzrle,
     /// QEMU to the source shim, shim to shim over the link, to the destination QEMU: parsing
-    /// mode (RAM pages through the page codec and the multi-channel transport).
+    /// mode (RAM pages through the page codec and the multi-channel transport), the destination
+    /// QEMU loading the pages over 2 multifd channels (`shim recv --qemu-multifd 2`; the source
+    /// QEMU plain).
     Shim,
+    /// Parsing mode with a destination QEMU that loads everything from its main channel.
+    ShimNoDestMultifd,
     /// The same with the shims in opaque mode (the stream carried as compressed bytes).
     ShimOpaque,
 }
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 5] = [
+    pub const ALL: [Method; 7] = [
         Method::Native,
+        Method::Multifd,
         Method::MultifdZstd,
         Method::Xbzrle,
         Method::Shim,
+        Method::ShimNoDestMultifd,
         Method::ShimOpaque,
     ];
 
@@ -54,31 +63,44 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Native => "native",
+            Method::Multifd => "multifd",
             Method::MultifdZstd => "multifd-zstd",
             Method::Xbzrle => "xbzrle",
             Method::Shim => "shim",
+            Method::ShimNoDestMultifd => "shim-no-dest-multifd",
             Method::ShimOpaque => "shim-opaque",
         }
     }
 
     /// Whether it goes through the shims.
     pub fn is_shim(self) -> bool {
-        matches!(self, Method::Shim | Method::ShimOpaque)
+        matches!(
+            self,
+            Method::Shim | Method::ShimNoDestMultifd | Method::ShimOpaque
+        )
     }
 
     fn capabilities(self) -> Vec<(&'static str, bool)> {
         match self {
-            Method::MultifdZstd => vec![("multifd", true)],
+            Method::Multifd | Method::MultifdZstd => vec![("multifd", true)],
             Method::Xbzrle => vec![("xbzrle", true)],
-            Method::Native | Method::Shim | Method::ShimOpaque => vec![],
+            Method::Native | Method::Shim | Method::ShimNoDestMultifd | Method::ShimOpaque => {
+                vec![]
+            }
         }
     }
 
     fn parameters(self) -> Value {
         match self {
+            Method::Multifd => json!({ "multifd-channels": 2, "multifd-compression": "none" }),
             Method::MultifdZstd => json!({ "multifd-channels": 2, "multifd-compression": "zstd" }),
             _ => json!({}),
         }
+    }
+
+    /// Multifd channels of the destination QEMU alone, fed by the destination shim.
+    fn destination_multifd(self) -> Option<u8> {
+        (self == Method::Shim).then_some(2)
     }
 }
 
@@ -116,6 +138,9 @@ pub struct MethodResult {
     pub downtime_ms: Option<f64>,
     /// QEMU's own `downtime` field, milliseconds (measured on the source only).
     pub qemu_downtime_ms: Option<f64>,
+    /// QEMU's `setup-time`, milliseconds: from `migrate` to the first pass (dirty logging
+    /// started, the RAM blocks announced); part of the total time, paid by every method alike.
+    pub setup_ms: Option<f64>,
     /// Bytes that crossed the link towards the destination.
     pub wire_bytes: u64,
     /// Bytes QEMU says it transferred.
@@ -184,6 +209,11 @@ fn run_method(
         dst.capabilities(&method.capabilities()).map_err(err)?;
     }
     dst.parameters(method.parameters()).map_err(err)?;
+    if let Some(channels) = method.destination_multifd() {
+        dst.capabilities(&[("multifd", true)]).map_err(err)?;
+        dst.parameters(json!({ "multifd-channels": channels, "multifd-compression": "none" }))
+            .map_err(err)?;
+    }
     let (incoming, outgoing) = if shim {
         (
             format!("unix:{}", dst_sock.display()),
@@ -223,6 +253,11 @@ fn run_method(
                 key: None,
                 allow_remote_without_key: true,
                 compression: pagestream_qemu_shim::link::Compression::Auto,
+                qemu_multifd: method.destination_multifd().map(|channels| QemuMultifd {
+                    channels,
+                    // The bench's VMs run without -uuid: QEMU's default.
+                    uuid: [0; 16],
+                }),
                 once: true,
                 log: quiet2,
             })
@@ -345,6 +380,7 @@ fn run_method(
             .map(|t| t / 1e3),
         downtime_ms,
         qemu_downtime_ms: info["downtime"].as_f64(),
+        setup_ms: info["setup-time"].as_f64(),
         wire_bytes: tx_after.saturating_sub(tx_before),
         qemu_transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
         note,

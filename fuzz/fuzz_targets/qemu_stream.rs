@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             accounted += record_len;
         }
         Event::Fill { record_len, .. } => accounted += record_len,
-        Event::RamBlocks(_) | Event::PassThrough { .. } => {}
+        Event::RamBlocks(_) | Event::RamSectionEnd | Event::PassThrough { .. } => {}
     };
     for chunk in stream.chunks(piece) {
         held.extend_from_slice(chunk);

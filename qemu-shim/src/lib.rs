@@ -5,6 +5,7 @@
 //! them the stream travels compressed and authenticated. See `DESIGN.md`.
 
 pub mod link;
+pub mod multifd;
 mod parsed;
 pub mod qmp;
 pub mod relay;

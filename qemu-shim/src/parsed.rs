@@ -45,13 +45,19 @@ use pagestream_transport::{
 };
 
 use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
+use crate::multifd::{self, MultifdOut};
 use crate::relay::{Conn, DestinationConfig, Session, SourceConfig, connect_qemu};
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
 
 /// First byte of a blob: the RAM block list.
 const BLOB_BLOCKS: u8 = 1;
-/// First byte of a blob: stream bytes to write to QEMU after the pages before them.
+/// First byte of a blob: stream bytes to write to QEMU after the pages before them. Then a be32:
+/// the RAM end-of-section markers among the bytes (a destination QEMU loading pages over
+/// multifd channels needs a barrier on each channel for each; [`SECTIONS_UNKNOWN`] once the
+/// parser stopped understanding the stream before its device state), then the bytes.
 const BLOB_BYTES: u8 = 2;
+/// A blob's count of end-of-section markers when the stream is no longer parsed.
+const SECTIONS_UNKNOWN: u32 = u32::MAX;
 /// First byte of a blob: the source's account of the mode, for the destination's summary.
 const BLOB_MODE: u8 = 3;
 /// First byte of a blob: stream bytes like [`BLOB_BYTES`], and the last before the pages of its
@@ -59,6 +65,11 @@ const BLOB_MODE: u8 = 3;
 /// (Bytes sent when QEMU paused between writes go as [`BLOB_BYTES`]: more bytes may follow them
 /// before the next page, so pages must wait; an empty blob of this kind releases them then.)
 const BLOB_BYTES_THEN_PAGES: u8 = 4;
+
+/// Why a stream the source stopped parsing cannot feed a destination QEMU's multifd channels.
+pub(crate) const UNPARSED_FOR_MULTIFD: &str = "the source shim stopped parsing QEMU's stream before its device state (see its summary): \
+     the destination QEMU's multifd channels cannot be given their barriers; run the \
+     destination shim without --qemu-multifd (and the destination QEMU without multifd)";
 
 /// Bytes read from QEMU per call.
 const READ_CHUNK: usize = 1 << 20;
@@ -77,6 +88,9 @@ const INFLIGHT_BYTES: usize = 4 << 20;
 const FRAME_BYTES: u32 = 64 << 10;
 /// See [`INFLIGHT_BYTES`].
 const SEND_BUFFER: usize = 256 << 10;
+/// How long a destination QEMU with multifd may take to start reading its main channel once
+/// the shim opened all its channels.
+const QEMU_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes and connections give up after this long.
 const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -204,6 +218,9 @@ struct Outgoing {
     /// Stream bytes not sent yet.
     carry: Vec<u8>,
     blob_bytes: u64,
+    /// RAM end-of-section markers among the bytes in `carry` ([`SECTIONS_UNKNOWN`] once the
+    /// parser passes through what it does not understand).
+    sections_ended: u32,
     /// Where and why the parser stopped taking pages out, if it did.
     pass_through: Option<(String, bool, u64)>,
     error: Option<String>,
@@ -240,12 +257,23 @@ impl Outgoing {
                     self.page(block, offset, &[byte; PAGE_SIZE])
                 }
             }
+            Event::RamSectionEnd => {
+                self.sections_ended = self
+                    .sections_ended
+                    .saturating_add(1)
+                    .min(SECTIONS_UNKNOWN - 1);
+                Ok(())
+            }
             Event::RamBlocks(_) => Err("the stream lists its RAM blocks twice".to_string()),
             Event::PassThrough {
                 reason,
                 expected,
                 at,
             } => {
+                if !expected {
+                    // End-of-section markers may follow unseen among the bytes.
+                    self.sections_ended = SECTIONS_UNKNOWN;
+                }
                 self.pass_through = Some((reason, expected, at));
                 Ok(())
             }
@@ -287,9 +315,13 @@ impl Outgoing {
             self.pages_in_pass = false;
         }
         self.pages_released = kind == BLOB_BYTES_THEN_PAGES;
-        let mut blob = Vec::with_capacity(1 + self.carry.len());
+        let mut blob = Vec::with_capacity(5 + self.carry.len());
         blob.push(kind);
+        blob.extend_from_slice(&self.sections_ended.to_be_bytes());
         blob.extend_from_slice(&self.carry);
+        if self.sections_ended != SECTIONS_UNKNOWN {
+            self.sections_ended = 0;
+        }
         self.sender
             .send_blob(self.generation, &blob)
             .map_err(|e| full_message(&e))?;
@@ -319,8 +351,9 @@ pub(crate) fn source_main(
             Event::Bytes(bytes) => carry.extend_from_slice(bytes),
             Event::RamBlocks(list) => blocks = Some(list.to_vec()),
             Event::PassThrough { reason, .. } => stop = Some(reason),
-            // The parser stops right after the block list: no page comes before it.
-            Event::Page { .. } | Event::Fill { .. } => {}
+            // The parser stops right after the block list: no page and no end of section
+            // comes before it.
+            Event::Page { .. } | Event::Fill { .. } | Event::RamSectionEnd => {}
         });
         held.drain(..n);
         if let Some(why) = stop {
@@ -385,6 +418,7 @@ pub(crate) fn source_main(
         pages_in_pass: false,
         pages_released: false,
         carry,
+        sections_ended: 0,
         blob_bytes: 0,
         pass_through: None,
         error: None,
@@ -800,11 +834,24 @@ struct Rebuild<'a> {
     session: &'a Session,
     /// The source's account of the mode.
     mode: Option<String>,
+    /// The destination QEMU's multifd channels, when it loads pages over them.
+    multifd: Option<MultifdOut>,
+    /// The destination QEMU read the first bytes of its main channel.
+    qemu_reads: bool,
+    /// The multifd channels' connections (clones), to see that QEMU took them.
+    multifd_conns: Vec<Conn>,
 }
 
 impl Rebuild<'_> {
-    /// Writes until the transport has delivered everything (or the session stops).
+    /// Writes until the transport has delivered everything (or the session stops). However it
+    /// ends, the multifd channels' queues close, so that their threads end too.
     fn run(&mut self) -> Result<(), String> {
+        let result = self.write_all();
+        self.multifd = None;
+        result
+    }
+
+    fn write_all(&mut self) -> Result<(), String> {
         loop {
             match self.staging.next() {
                 WriterWork::Pages(pages) => {
@@ -812,6 +859,9 @@ impl Rebuild<'_> {
                         self.write_bucket(bucket)?;
                     }
                     // Pages written now need not wait for the next blob to reach QEMU.
+                    if let Some(multifd) = &mut self.multifd {
+                        self.written += multifd.flush(&self.blocks)?;
+                    }
                     self.flush()?;
                     self.staging.batch_written();
                 }
@@ -819,10 +869,19 @@ impl Rebuild<'_> {
                     for bucket in &pages {
                         self.write_bucket(bucket)?;
                     }
+                    if let Some(multifd) = &mut self.multifd {
+                        self.written += multifd.flush(&self.blocks)?;
+                    }
                     self.staging.batch_written();
                     self.blob(tag, &data)?;
                 }
-                WriterWork::Done => return self.flush(),
+                WriterWork::Done => {
+                    // The channels' threads write what they hold, then end their connections.
+                    if let Some(mut multifd) = self.multifd.take() {
+                        self.written += multifd.flush(&self.blocks)?;
+                    }
+                    return self.flush();
+                }
                 WriterWork::Stop => return Err("the session ended early".into()),
             }
         }
@@ -847,9 +906,24 @@ impl Rebuild<'_> {
                 if self.blocks.is_empty() {
                     return Err("stream bytes came before the RAM block list".into());
                 }
+                let (count, body) = body
+                    .split_first_chunk::<4>()
+                    .ok_or("a blob of stream bytes without its count of section ends")?;
+                let sections_ended = u32::from_be_bytes(*count);
+                if let Some(multifd) = &mut self.multifd {
+                    if sections_ended == SECTIONS_UNKNOWN {
+                        return Err(UNPARSED_FOR_MULTIFD.into());
+                    }
+                    // The pages before these bytes, then a barrier per section end on every
+                    // channel: QEMU's main thread waits for them at each marker.
+                    self.written += multifd.sync(&self.blocks, sections_ended)?;
+                }
                 self.out.write_all(body).map_err(qemu_write_error)?;
                 self.written += body.len() as u64;
                 self.flush()?;
+                if !self.qemu_reads && self.multifd.is_some() {
+                    self.wait_until_qemu_reads()?;
+                }
                 if kind == BLOB_BYTES_THEN_PAGES {
                     self.staging.written_through(tag);
                 }
@@ -863,6 +937,46 @@ impl Rebuild<'_> {
         }
     }
 
+    /// A destination QEMU with multifd reads its main channel only once all its multifd
+    /// channels are connected: one that expects more than the shim opened would wait forever,
+    /// and the migration with it. It must read the stream's first bytes soon.
+    fn wait_until_qemu_reads(&mut self) -> Result<(), String> {
+        let since = Instant::now();
+        let channels = self.multifd_conns.len();
+        loop {
+            match self.out.get_ref().unread() {
+                Ok(0) | Err(_) => break,
+                Ok(_) if since.elapsed() > QEMU_START_TIMEOUT => {
+                    return Err(format!(
+                        "the destination QEMU did not start reading its migration stream within \
+                         {} s of its {channels} multifd channel(s) opening: does it expect more \
+                         (its `multifd-channels` must equal --qemu-multifd {channels})?",
+                        QEMU_START_TIMEOUT.as_secs()
+                    ));
+                }
+                Ok(_) => {
+                    if self.session.failed().is_some() {
+                        return Err("the session ended early".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        // A QEMU with multifd reads each channel's introduction before its main channel; one
+        // without multifd reads the main channel at once and never takes the others.
+        for (id, conn) in self.multifd_conns.iter().enumerate() {
+            if !matches!(conn.unread(), Ok(0)) {
+                return Err(format!(
+                    "the destination QEMU reads its main channel but did not take multifd \
+                     channel {id}: is its `multifd` capability on, with `multifd-channels` \
+                     {channels}?"
+                ));
+            }
+        }
+        self.qemu_reads = true;
+        Ok(())
+    }
+
     fn write_bucket(&mut self, bucket: &Bucket) -> Result<(), String> {
         let mut pages = bucket.data.chunks_exact(PAGE_SIZE);
         for &(addr, zero) in &bucket.records {
@@ -874,13 +988,13 @@ impl Rebuild<'_> {
             } else {
                 Some(pages.next().ok_or("a bucket short of page data")?)
             };
+            let offset = addr.index * PAGE_SIZE as u64;
+            if let (Some(page), Some(multifd)) = (data, &mut self.multifd) {
+                self.written += multifd.page(&self.blocks, addr.region as usize, offset, page)?;
+                continue;
+            }
             let mut header = [0u8; 8 + 1 + 255];
-            let len = record_header(
-                &mut header,
-                &block.name,
-                addr.index * PAGE_SIZE as u64,
-                zero,
-            );
+            let len = record_header(&mut header, &block.name, offset, zero);
             let written = self
                 .out
                 .write_all(&header[..len])
@@ -906,6 +1020,19 @@ fn qemu_write_error(e: io::Error) -> String {
              says why) ({e})"
         ),
         _ => format!("writing to QEMU failed: {e}"),
+    }
+}
+
+/// What a failed write to one of the destination QEMU's multifd channels means: a QEMU without
+/// multifd (or with fewer channels) closes the connections it does not take.
+fn multifd_write_error(e: io::Error, id: usize, channels: u8) -> String {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => format!(
+            "the destination QEMU closed multifd channel {id}: it does not take it (is its \
+             `multifd` capability on, with `multifd-channels` {channels}?), or it refused the \
+             stream or failed to load it (its log or `query-migrate` says why) ({e})"
+        ),
+        _ => format!("writing to QEMU's multifd channel {id} failed: {e}"),
     }
 }
 
@@ -961,6 +1088,31 @@ pub(crate) fn destination_main(
     }
     *session.qemu_main.lock().expect("not poisoned") = Some(clone()?);
     session.set_main_ready();
+    // Then its multifd channels, if it loads pages over them.
+    let (multifd_out, multifd_channels) = match &config.qemu_multifd {
+        Some(m) => {
+            let mut conns = Vec::new();
+            for id in 0..m.channels {
+                // QEMU listens already (it took the main channel): no retrying.
+                let refused = |e: io::Error| {
+                    format!(
+                        "the destination QEMU refused multifd channel {id} ({e}): is its \
+                         `multifd` capability on, with `multifd-channels` {}?",
+                        m.channels
+                    )
+                };
+                let mut conn = Conn::connect(&config.qemu).map_err(refused)?;
+                multifd::introduce(&mut conn, m, id).map_err(refused)?;
+                let q = conn.try_clone().map_err(|e| e.to_string())?;
+                session.on_failure(Box::new(move || q.shutdown(Shutdown::Both)));
+                conns.push(conn);
+            }
+            let (out, queues) = MultifdOut::new(m.channels);
+            (Some(out), conns.into_iter().zip(queues).collect::<Vec<_>>())
+        }
+        None => (None, Vec::new()),
+    };
+    let multifd_written = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     staging.set_channels(usize::from(channels));
     let sinks: Vec<StagingSink> = (0..usize::from(channels))
@@ -978,6 +1130,13 @@ pub(crate) fn destination_main(
         written: 0,
         session,
         mode: None,
+        multifd: multifd_out,
+        qemu_reads: false,
+        multifd_conns: multifd_channels
+            .iter()
+            .map(|(conn, _)| conn.try_clone())
+            .collect::<io::Result<_>>()
+            .map_err(|e| e.to_string())?,
     };
     let stats = Arc::new(SessionStats::new(usize::from(channels)));
     let mut blob_bytes = 0u64;
@@ -998,6 +1157,29 @@ pub(crate) fn destination_main(
             Ok(writer) => writer,
             Err(e) => return (Ok(None), Err(format!("cannot start a thread: {e}"))),
         };
+        let mut channel_writers = Vec::new();
+        let qemu_channels = config.qemu_multifd.map_or(0, |m| m.channels);
+        for (id, (conn, queue)) in multifd_channels.into_iter().enumerate() {
+            let (staging, written) = (&staging, &multifd_written);
+            let spawned = std::thread::Builder::new()
+                .name(format!("ps-multifd-{id}"))
+                .spawn_scoped(scope, move || {
+                    let result = multifd::run_channel(conn, queue, written)
+                        .map_err(|e| multifd_write_error(e, id, qemu_channels));
+                    if let Err(e) = &result {
+                        session.fail(format!("rebuilding the stream: {e}"));
+                        staging.stop();
+                    }
+                    result
+                });
+            match spawned {
+                Ok(handle) => channel_writers.push(handle),
+                Err(e) => {
+                    staging.stop();
+                    return (Ok(None), Err(format!("cannot start a thread: {e}")));
+                }
+            }
+        }
         let watched = stats.clone();
         let result = pending.run_with_stats(&mut acceptor, sinks, watched, |event| {
             if let ReceiverEvent::Blob { tag, data } = event {
@@ -1013,9 +1195,17 @@ pub(crate) fn destination_main(
             Ok(_) => staging.finish(),
             Err(_) => staging.stop(),
         }
-        let rebuilt = writer
+        let mut rebuilt = writer
             .join()
             .unwrap_or_else(|_| Err("the rebuilding thread panicked".into()));
+        for handle in channel_writers {
+            let result = handle
+                .join()
+                .unwrap_or_else(|_| Err("a multifd channel's thread panicked".into()));
+            if rebuilt.is_ok() {
+                rebuilt = result;
+            }
+        }
         (result.map(Some), rebuilt)
     });
     // The writer's error explains a transport failure it caused; otherwise the transport's.
@@ -1033,12 +1223,17 @@ pub(crate) fn destination_main(
         .forward_wire
         .store(summary.stats.wire_bytes() + blob_bytes, Ordering::Relaxed);
     *session.pages.lock().expect("not poisoned") = Some(summary.stats.classes);
-    *session.mode.lock().expect("not poisoned") = Some(
-        rebuild
-            .mode
-            .take()
-            .unwrap_or_else(|| mode_text(channels, summary.backend, None)),
-    );
+    let mut mode = rebuild
+        .mode
+        .take()
+        .unwrap_or_else(|| mode_text(channels, summary.backend, None));
+    if let Some(m) = &config.qemu_multifd {
+        mode.push_str(&format!(
+            "; pages into the destination QEMU over its {} multifd channel(s) (--qemu-multifd)",
+            m.channels
+        ));
+    }
+    *session.mode.lock().expect("not poisoned") = Some(mode);
     Ok(())
 }
 

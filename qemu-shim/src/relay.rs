@@ -26,6 +26,7 @@ use pagestream_transport::net::Log;
 use pagecodec::{ClassCounts, PageClass};
 
 use crate::link::{self, Compression, Key, LinkHeader, Moved, StreamKind};
+use crate::multifd::QemuMultifd;
 use crate::parsed;
 
 /// A QEMU-side endpoint: `unix:PATH` or `tcp:HOST:PORT`.
@@ -94,7 +95,23 @@ impl Conn {
         }
     }
 
-    fn connect(endpoint: &Endpoint) -> io::Result<Conn> {
+    /// Bytes written that the peer has not read yet (SIOCOUTQ). On a unix socket that is
+    /// exactly what QEMU has not read; over TCP, what its host has not acknowledged.
+    pub(crate) fn unread(&self) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tcp(s) => s.as_raw_fd(),
+        };
+        let mut pending: libc::c_int = 0;
+        // SAFETY: `fd` is an open socket of `self`; TIOCOUTQ (SIOCOUTQ) writes one int.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut pending) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(pending).unwrap_or(0))
+    }
+
+    pub(crate) fn connect(endpoint: &Endpoint) -> io::Result<Conn> {
         Ok(match endpoint {
             Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
             Endpoint::Tcp(a) => {
@@ -554,9 +571,6 @@ impl Listener {
     }
 }
 
-/// QEMU's multifd channel magic (big-endian on the wire).
-const MULTIFD_MAGIC: u32 = 0x1122_3344;
-
 /// How long a failure that is probably the echo of another waits before it is recorded.
 const ECHO_GRACE: Duration = Duration::from_millis(250);
 
@@ -570,7 +584,7 @@ fn classify(conn: &mut Conn) -> Result<(StreamKind, Vec<u8>), String> {
         .map_err(|e| format!("QEMU sent no stream header ({e})"))?;
     let kind = if head == b"QEVM" {
         StreamKind::Main
-    } else if u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) == MULTIFD_MAGIC {
+    } else if u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) == crate::multifd::MAGIC {
         // be32 version, 16-byte uuid, then the channel id.
         let mut rest = vec![0u8; 21];
         conn.read_exact(&mut rest)
@@ -778,6 +792,8 @@ pub struct DestinationConfig {
     pub allow_remote_without_key: bool,
     /// How the return path is compressed.
     pub compression: Compression,
+    /// The destination QEMU loads pages over its own multifd channels (parsing mode only).
+    pub qemu_multifd: Option<QemuMultifd>,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -916,6 +932,36 @@ pub fn run_destination_on(
                     return;
                 }
                 StreamKind::Main | StreamKind::Multifd(_) => {}
+            }
+            if config.qemu_multifd.is_some() {
+                // The destination QEMU waits for multifd channels that only this shim's
+                // parsing mode opens, with barriers only it knows where to put.
+                let why = match header.kind {
+                    StreamKind::Multifd(_) => {
+                        "the source QEMU migrates with multifd itself: its channels go to the \
+                         destination QEMU as they are, so run the destination shim without \
+                         --qemu-multifd"
+                    }
+                    _ => {
+                        "the source shim carries QEMU's main channel opaque (its summary says \
+                         why), and only parsing mode can feed the destination QEMU's multifd \
+                         channels: run the destination shim without --qemu-multifd (and the \
+                         destination QEMU without multifd)"
+                    }
+                };
+                session.opened();
+                session.fail(format!("{:?} channel: {why}", header.kind));
+                if let Ok(clone) = link.try_clone() {
+                    let _ = clone.shutdown(Shutdown::Both);
+                }
+                session.closed(main);
+                if main {
+                    session.wait_finished();
+                    let summary = session.summary();
+                    (config.log)(&summary.render("destination shim"));
+                    let _ = done_tx.send(summary);
+                }
+                return;
             }
             session.opened();
             if main {

@@ -131,6 +131,10 @@ pub enum Event<'a> {
         /// Bytes the record took in the stream.
         record_len: usize,
     },
+    /// The RAM section's end-of-section marker (EOS) was in the bytes emitted just before: the
+    /// destination QEMU has loaded every page before it once it reads it (with multifd, a
+    /// barrier across all channels).
+    RamSectionEnd,
     /// From here on the parser carries everything as bytes. `expected` is true where that is
     /// the normal course of a stream (the device state after RAM, the end of the stream).
     PassThrough {
@@ -173,6 +177,8 @@ enum Item {
     Bytes(usize),
     /// `n` bytes to carry, after which the RAM block list is complete.
     BlocksDone(usize),
+    /// The `n` bytes of a RAM section's end-of-section record, to carry.
+    SectionEnd(usize),
     Page {
         block: usize,
         offset: u64,
@@ -319,6 +325,12 @@ impl Parser {
             match self.step(rest) {
                 Item::NeedMore => break,
                 Item::Bytes(n) => pos += n,
+                Item::SectionEnd(n) => {
+                    pos += n;
+                    emit(Event::Bytes(&input[run..pos]));
+                    run = pos;
+                    emit(Event::RamSectionEnd);
+                }
                 Item::BlocksDone(n) => {
                     pos += n;
                     emit(Event::Bytes(&input[run..pos]));
@@ -667,7 +679,7 @@ impl Parser {
         }
         if flags == flags::EOS {
             self.state = State::Footer { section };
-            return Item::Bytes(8);
+            return Item::SectionEnd(8);
         }
         let base = flags & !flags::CONTINUE;
         if base != flags::ZERO && base != flags::PAGE {
@@ -872,6 +884,8 @@ mod tests {
         pub(crate) pass_through: Option<(String, bool, u64)>,
         /// The stream rebuilt the way the destination shim does it.
         pub(crate) rebuilt: Vec<u8>,
+        /// RAM end-of-section markers seen.
+        pub(crate) sections_ended: usize,
     }
 
     pub(crate) fn parse_in_chunks(stream: &[u8], chunk: usize) -> Parsed {
@@ -923,6 +937,18 @@ mod tests {
                 let fill = [byte; TARGET_PAGE_SIZE];
                 let data = (byte != 0).then_some(&fill[..]);
                 write_page_record(&mut parsed.rebuilt, &blocks[block].name, offset, data);
+            }
+            Event::RamSectionEnd => {
+                parsed.sections_ended += 1;
+                // (A damaged stream may carry offset bits beside the flag.)
+                let last: [u8; 8] = parsed.rebuilt[parsed.rebuilt.len() - 8..]
+                    .try_into()
+                    .expect("8 bytes");
+                assert_eq!(
+                    u64::from_be_bytes(last) & FLAG_MASK,
+                    flags::EOS,
+                    "the event follows the marker's bytes"
+                );
             }
             Event::PassThrough {
                 reason,
@@ -998,6 +1024,8 @@ mod tests {
             ]
         );
         assert_eq!(whole.pages[0].2[5], 1 ^ 5);
+        // The START (after the block list), two PARTs and the END each end with a marker.
+        assert_eq!(whole.sections_ended, 4);
         let (reason, expected, _) = whole.pass_through.clone().expect("device state");
         assert!(expected && reason.contains("device state"), "{reason}");
         assert_eq!(whole.accounted, stream.len());

@@ -21,6 +21,8 @@ struct Rebuilt {
     blocks: Vec<RamBlock>,
     pages: u64,
     fills: u64,
+    /// RAM end-of-section markers.
+    sections_ended: u64,
     pass_through: Option<(String, bool)>,
 }
 
@@ -31,6 +33,7 @@ fn parse_and_rebuild(stream: &[u8]) -> Rebuilt {
         blocks: Vec::new(),
         pages: 0,
         fills: 0,
+        sections_ended: 0,
         pass_through: None,
     };
     let mut held = Vec::new();
@@ -50,6 +53,7 @@ fn parse_and_rebuild(stream: &[u8]) -> Rebuilt {
             out.fills += 1;
             write_page_record(&mut out.stream, &out.blocks[block].name, offset, None);
         }
+        Event::RamSectionEnd => out.sections_ended += 1,
         Event::PassThrough {
             reason, expected, ..
         } => out.pass_through = Some((reason, expected)),
@@ -105,6 +109,8 @@ fn a_real_stream_parsed_and_rebuilt_loads_bit_identical() {
         .find(|b| b.name == "pc.ram")
         .expect("pc.ram listed");
     assert_eq!(pc_ram.used_length, ram_bytes(256));
+    // At least the START (after the block list) and the END section end with a marker.
+    assert!(rebuilt.sections_ended >= 2, "{}", rebuilt.sections_ended);
     // QEMU counts the pages it sent whole ("normal") and as zero records ("duplicate").
     assert_eq!(
         rebuilt.pages,
