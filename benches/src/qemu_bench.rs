@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use pagestream_qemu_shim::multifd::QemuMultifd;
 use pagestream_qemu_shim::qmp::event_time;
 use pagestream_qemu_shim::relay::{
-    DestinationConfig, Endpoint, Mode, SourceConfig, run_destination, run_source,
+    DestinationConfig, Endpoint, Mode, SourceConfig, Summary, run_destination, run_source,
 };
 use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig};
 use serde::Serialize;
@@ -245,43 +245,45 @@ fn run_method(
             }
             Ok(())
         };
-        shims.push(std::thread::spawn(move || -> Result<(), String> {
-            enter(&dst_ns)?;
-            run_destination(DestinationConfig {
-                listen: format!("{addr}:{PORT}"),
-                qemu: Endpoint::Unix(dst_sock),
-                key: None,
-                allow_remote_without_key: true,
-                compression: pagestream_qemu_shim::link::Compression::Auto,
-                qemu_multifd: method.destination_multifd().map(|channels| QemuMultifd {
-                    channels,
-                    // The bench's VMs run without -uuid: QEMU's default.
-                    uuid: [0; 16],
-                }),
-                once: true,
-                log: quiet2,
-            })
-            .map(|_| ())
-        }));
+        shims.push(std::thread::spawn(
+            move || -> Result<Vec<Summary>, String> {
+                enter(&dst_ns)?;
+                run_destination(DestinationConfig {
+                    listen: format!("{addr}:{PORT}"),
+                    qemu: Endpoint::Unix(dst_sock),
+                    key: None,
+                    allow_remote_without_key: true,
+                    compression: pagestream_qemu_shim::link::Compression::Auto,
+                    qemu_multifd: method.destination_multifd().map(|channels| QemuMultifd {
+                        channels,
+                        // The bench's VMs run without -uuid: QEMU's default.
+                        uuid: [0; 16],
+                    }),
+                    once: true,
+                    log: quiet2,
+                })
+            },
+        ));
         let (src_ns, src_sock2) = (pair.src_ns().to_string(), src_sock.clone());
-        shims.push(std::thread::spawn(move || -> Result<(), String> {
-            enter(&src_ns)?;
-            run_source(SourceConfig {
-                listen: Endpoint::Unix(src_sock2),
-                to: format!("{addr}:{PORT}"),
-                key: None,
-                compression: pagestream_qemu_shim::link::Compression::Auto,
-                mode: if method == Method::ShimOpaque {
-                    Mode::Opaque
-                } else {
-                    Mode::Auto
-                },
-                channels: pagestream_transport::default_channels(),
-                once: true,
-                log: quiet,
-            })
-            .map(|_| ())
-        }));
+        shims.push(std::thread::spawn(
+            move || -> Result<Vec<Summary>, String> {
+                enter(&src_ns)?;
+                run_source(SourceConfig {
+                    listen: Endpoint::Unix(src_sock2),
+                    to: format!("{addr}:{PORT}"),
+                    key: None,
+                    compression: pagestream_qemu_shim::link::Compression::Auto,
+                    mode: if method == Method::ShimOpaque {
+                        Mode::Opaque
+                    } else {
+                        Mode::Auto
+                    },
+                    channels: pagestream_transport::default_channels(),
+                    once: true,
+                    log: quiet,
+                })
+            },
+        ));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !src_sock.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -367,8 +369,26 @@ fn run_method(
     };
     drop(src);
     drop(dst);
-    for shim in shims {
-        let _ = shim.join();
+    // A shim that failed says why: that goes into the note.
+    let mut failures = Vec::new();
+    for (side, shim) in ["destination shim", "source shim"].iter().zip(shims) {
+        match shim.join() {
+            Ok(Ok(summaries)) => failures.extend(
+                summaries
+                    .iter()
+                    .filter_map(|s| s.error.as_ref())
+                    .map(|e| format!("{side}: {e}")),
+            ),
+            Ok(Err(e)) => failures.push(format!("{side}: {e}")),
+            Err(_) => failures.push(format!("{side}: panicked")),
+        }
+    }
+    if !failures.is_empty() {
+        let said = failures.join("; ");
+        note = Some(match note {
+            Some(n) => format!("{n}; {said}"),
+            None => said,
+        });
     }
     Ok(MethodResult {
         method,
