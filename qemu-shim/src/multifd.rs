@@ -175,6 +175,11 @@ impl MultifdOut {
         )
     }
 
+    /// QEMU's multifd channels fed.
+    pub(crate) fn channels(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Adds a page at byte `offset` of block `block` (an index into `blocks`). Returns the
     /// bytes this queued for QEMU (a whole packet's when it filled one).
     pub(crate) fn page(
