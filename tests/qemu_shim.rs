@@ -430,7 +430,7 @@ fn a_destination_qemu_loads_the_pages_over_its_own_multifd_channels() {
 /// `--qemu-multifd` for a destination QEMU configured otherwise: the migration fails with the
 /// reason named, the source runs on, nothing hangs.
 fn refused_destination_multifd(name: &str, dst_caps: &[(&str, bool)], channels: u32, says: &str) {
-    let mut s = setup_sides(
+    let s = setup_sides(
         name,
         &[],
         json!({}),
@@ -442,6 +442,12 @@ fn refused_destination_multifd(name: &str, dst_caps: &[(&str, bool)], channels: 
             ..Sides::default()
         },
     );
+    fails_with_the_reason(s, says);
+}
+
+/// Migrates `s`, which must fail: the source QEMU reports it and runs on, the destination shim
+/// exits and says `says`.
+fn fails_with_the_reason(mut s: Setup, says: &str) {
     let src_sock = s.scratch.0.join("src.sock");
     s.src
         .migrate(&format!("unix:{}", src_sock.display()))
@@ -455,7 +461,7 @@ fn refused_destination_multifd(name: &str, dst_caps: &[(&str, bool)], channels: 
     let dir = s.scratch.0.clone();
     let status = wait_exit(&mut s.recv, Duration::from_secs(30)).unwrap_or_else(|| {
         panic!(
-            "shim still runs: {}\nsource shim: {}",
+            "shim still runs: {}\nsource shim: {}\nsource QEMU: {info}",
             read_log(&dir, "recv.log"),
             read_log(&dir, "send.log")
         )
@@ -477,6 +483,24 @@ fn qemu_multifd_for_a_destination_without_multifd_is_refused() {
         2,
         "is its `multifd` capability on, with `multifd-channels` 2?",
     );
+}
+
+#[test]
+fn qemu_multifd_for_a_source_that_uses_multifd_itself_is_refused() {
+    // Both QEMUs with multifd: the source's channels would go to the destination QEMU opaque,
+    // beside the shim's own: the destination shim refuses the session and says why.
+    let caps = [("multifd", true)];
+    let s = setup_sides(
+        "dest-multifd-both",
+        &caps,
+        json!({ "multifd-channels": 2 }),
+        2000,
+        Sides {
+            recv_args: &["--qemu-multifd", "2"],
+            ..Sides::default()
+        },
+    );
+    fails_with_the_reason(s, "the source QEMU migrates with multifd itself");
 }
 
 #[test]

@@ -1061,6 +1061,17 @@ pub(crate) fn destination_main(
         }),
         ..ReceiverConfig::default()
     };
+    // A session that fails while the transport waits for its connections (the source gave up,
+    // or another of its links was refused) ends that wait: no more connections will come.
+    let weak = Arc::downgrade(session);
+    session.on_failure(Box::new(move || {
+        if let Some(session) = weak.upgrade()
+            // Not waiting for the lock: whoever holds it is handing a connection over.
+            && let Ok(mut tx) = session.pages_tx.try_lock()
+        {
+            tx.take();
+        }
+    }));
     let pending = accept(&mut acceptor, &receiver_config)
         .map_err(|e| format!("the page transport: {}", full_message(&e)))?;
     let channels = pending.channels();

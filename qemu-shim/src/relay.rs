@@ -246,6 +246,8 @@ pub(crate) struct Session {
     pub(crate) main_ready: Mutex<bool>,
     pub(crate) changed: Condvar,
     pub(crate) main_done: AtomicBool,
+    /// Its summary was printed and handed on.
+    reported: AtomicBool,
     error: Mutex<Option<String>>,
     /// Sockets to shut down if the migration fails.
     kill: Mutex<Vec<Box<dyn Fn() + Send>>>,
@@ -274,6 +276,7 @@ impl Session {
             main_ready: Mutex::new(false),
             changed: Condvar::new(),
             main_done: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
             error: Mutex::new(None),
             kill: Mutex::new(Vec::new()),
             mode: Mutex::new(None),
@@ -285,6 +288,14 @@ impl Session {
 
     /// Shuts `kill` down too if the migration fails.
     pub(crate) fn on_failure(&self, kill: Box<dyn Fn() + Send>) {
+        // Under the error's lock, as `fail` runs them: a session that failed already runs it
+        // now (a connection opened after the failure must not wait on a peer that is gone).
+        let error = self.error.lock().expect("not poisoned");
+        if error.is_some() {
+            drop(error);
+            kill();
+            return;
+        }
         self.kill.lock().expect("not poisoned").push(kill);
     }
 
@@ -342,6 +353,17 @@ impl Session {
                 kill();
             }
         }
+    }
+
+    /// Prints the session's summary and hands it on, once per session whichever of its
+    /// connections gets here first.
+    fn report(&self, side: &str, log: &Log, done: &std::sync::mpsc::Sender<Summary>) {
+        if self.reported.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let summary = self.summary();
+        log(&summary.render(side));
+        let _ = done.send(summary);
     }
 
     fn summary(&self) -> Summary {
@@ -715,9 +737,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             session.closed(main);
             if main {
                 session.wait_finished();
-                let summary = session.summary();
-                (config.log)(&summary.render("source shim"));
-                let _ = done_tx.send(summary);
+                session.report("source shim", &config.log, &done_tx);
             }
         });
     }
@@ -894,6 +914,10 @@ pub fn run_destination_on(
             };
             match header.kind {
                 StreamKind::Pages => {
+                    if session.failed().is_some() {
+                        // Too late: the session's transport gave up waiting for connections.
+                        return;
+                    }
                     // The first page-transport connection of a session carries the session; the
                     // others join it through its acceptor.
                     let rx = {
@@ -914,9 +938,7 @@ pub fn run_destination_on(
                     }
                     session.closed(true);
                     session.wait_finished();
-                    let summary = session.summary();
-                    (config.log)(&summary.render("destination shim"));
-                    let _ = done_tx.send(summary);
+                    session.report("destination shim", &config.log, &done_tx);
                     return;
                 }
                 StreamKind::ReturnPath => {
@@ -955,12 +977,9 @@ pub fn run_destination_on(
                     let _ = clone.shutdown(Shutdown::Both);
                 }
                 session.closed(main);
-                if main {
-                    session.wait_finished();
-                    let summary = session.summary();
-                    (config.log)(&summary.render("destination shim"));
-                    let _ = done_tx.send(summary);
-                }
+                // The session failed for good: say so now, whether its main channel came yet
+                // or not (if it never comes, nothing else would).
+                session.report("destination shim", &config.log, &done_tx);
                 return;
             }
             session.opened();
@@ -984,9 +1003,7 @@ pub fn run_destination_on(
             session.closed(main);
             if main {
                 session.wait_finished();
-                let summary = session.summary();
-                (config.log)(&summary.render("destination shim"));
-                let _ = done_tx.send(summary);
+                session.report("destination shim", &config.log, &done_tx);
             }
         });
     }
