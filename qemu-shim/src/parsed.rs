@@ -844,12 +844,12 @@ impl Rebuild<'_> {
     /// Writes until the transport has delivered everything (or the session stops). However it
     /// ends, the multifd channels' queues close, so that their threads end too.
     fn run(&mut self) -> Result<(), String> {
-        let result = self.write_all();
+        let result = self.write_until_done();
         self.multifd = None;
         result
     }
 
-    fn write_all(&mut self) -> Result<(), String> {
+    fn write_until_done(&mut self) -> Result<(), String> {
         loop {
             match self.staging.next() {
                 WriterWork::Pages(pages) => {
