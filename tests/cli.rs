@@ -118,6 +118,43 @@ fn codec_bench_with_threads_and_a_ragged_image() {
 
 #[test]
 fn bad_input_gets_a_clear_error_and_a_failure_status() {
+    let recv = |extra: &'static [&'static str]| -> Vec<&'static str> {
+        let mut args = vec![
+            "shim",
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--qemu",
+            "unix:/nonexistent",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let shim_cases: [(Vec<&str>, &str); 4] = [
+        (
+            recv(&["--qemu-multifd", "0"]),
+            "--qemu-multifd must be at least 1",
+        ),
+        (
+            recv(&["--qemu-multifd", "2", "--qemu-uuid", "not-a-uuid"]),
+            "8-4-4-4-12 hexadecimal digits",
+        ),
+        (
+            recv(&["--qemu-uuid", "00112233-4455-6677-8899-aabbccddeeff"]),
+            "--qemu-multifd",
+        ),
+        (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
+    ];
+    for (args, message) in &shim_cases {
+        let out = pagestream(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(
+            err.contains(message),
+            "{args:?}: expected '{message}' in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
     let cases: [(&[&str], &str); 8] = [
         (
             &["codec", "bench", "--image", "/nonexistent/image"],
