@@ -27,8 +27,6 @@
 
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
 use pagecodec::PAGE_SIZE;
@@ -272,19 +270,11 @@ pub(crate) struct ChannelQueue {
 
 /// Writes one channel's packets to QEMU until the writer drops its queue; then ends the
 /// connection (QEMU takes the end of a channel after a whole packet as the end of the
-/// migration's multifd traffic). `written` counts the bytes.
-pub(crate) fn run_channel(
-    mut conn: Conn,
-    queue: ChannelQueue,
-    written: &Arc<AtomicU64>,
-) -> io::Result<()> {
+/// migration's multifd traffic). The writer counted the bytes when it queued them.
+pub(crate) fn run_channel(mut conn: Conn, queue: ChannelQueue) -> io::Result<()> {
     for mut packet in queue.packets {
         conn.write_all(&packet.header)?;
         conn.write_all(&packet.pages)?;
-        written.fetch_add(
-            (packet.header.len() + packet.pages.len()) as u64,
-            Ordering::Relaxed,
-        );
         if packet.pages.capacity() >= PACKET_PAGES * PAGE_SIZE {
             packet.pages.clear();
             let _ = queue.recycle.send(packet.pages);

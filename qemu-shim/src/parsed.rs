@@ -842,7 +842,8 @@ struct Rebuild<'a> {
 
 impl Rebuild<'_> {
     /// Writes until the transport has delivered everything (or the session stops). However it
-    /// ends, the multifd channels' queues close, so that their threads end too.
+    /// ends, the multifd channels' queues close, so that their threads write what they hold and
+    /// end their connections.
     fn run(&mut self) -> Result<(), String> {
         let result = self.write_until_done();
         self.multifd = None;
@@ -853,33 +854,18 @@ impl Rebuild<'_> {
         loop {
             match self.staging.next() {
                 WriterWork::Pages(pages) => {
-                    for bucket in &pages {
-                        self.write_bucket(bucket)?;
-                    }
+                    self.write_buckets(&pages)?;
                     // Pages written now need not wait for the next blob to reach QEMU.
-                    if let Some(multifd) = &mut self.multifd {
-                        self.written += multifd.flush(&self.blocks)?;
-                    }
                     self.flush()?;
                     self.staging.batch_written();
                 }
                 WriterWork::Blob { pages, tag, data } => {
-                    for bucket in &pages {
-                        self.write_bucket(bucket)?;
-                    }
-                    if let Some(multifd) = &mut self.multifd {
-                        self.written += multifd.flush(&self.blocks)?;
-                    }
+                    self.write_buckets(&pages)?;
                     self.staging.batch_written();
                     self.blob(tag, &data)?;
                 }
-                WriterWork::Done => {
-                    // The channels' threads write what they hold, then end their connections.
-                    if let Some(mut multifd) = self.multifd.take() {
-                        self.written += multifd.flush(&self.blocks)?;
-                    }
-                    return self.flush();
-                }
+                // Every batch queued its last packet already (`write_buckets`).
+                WriterWork::Done => return self.flush(),
                 WriterWork::Stop => return Err("the session ended early".into()),
             }
         }
@@ -963,6 +949,18 @@ impl Rebuild<'_> {
         // A QEMU that reads its main channel took all its multifd channels first; one without
         // multifd refused or dropped the shim's channels, whose writes then fail and say so.
         self.qemu_reads = true;
+        Ok(())
+    }
+
+    /// Writes a batch of pages; with multifd, the last packet goes to its channel at once too
+    /// (pages must not wait for more to fill it).
+    fn write_buckets(&mut self, buckets: &[Bucket]) -> Result<(), String> {
+        for bucket in buckets {
+            self.write_bucket(bucket)?;
+        }
+        if let Some(multifd) = &mut self.multifd {
+            self.written += multifd.flush(&self.blocks)?;
+        }
         Ok(())
     }
 
@@ -1112,7 +1110,6 @@ pub(crate) fn destination_main(
         }
         None => (None, Vec::new()),
     };
-    let multifd_written = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     staging.set_channels(usize::from(channels));
     let sinks: Vec<StagingSink> = (0..usize::from(channels))
@@ -1155,11 +1152,11 @@ pub(crate) fn destination_main(
         let mut channel_writers = Vec::new();
         let qemu_channels = config.qemu_multifd.map_or(0, |m| m.channels);
         for (id, (conn, queue)) in multifd_channels.into_iter().enumerate() {
-            let (staging, written) = (&staging, &multifd_written);
+            let staging = &staging;
             let spawned = std::thread::Builder::new()
                 .name(format!("ps-multifd-{id}"))
                 .spawn_scoped(scope, move || {
-                    let result = multifd::run_channel(conn, queue, written)
+                    let result = multifd::run_channel(conn, queue)
                         .map_err(|e| multifd_write_error(e, id, qemu_channels));
                     if let Err(e) = &result {
                         session.fail(format!("rebuilding the stream: {e}"));
