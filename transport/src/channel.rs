@@ -54,11 +54,13 @@ pub trait FrameWriter: Send {
     /// Bytes submitted but not yet handed to the network.
     fn queued_bytes(&self) -> usize;
 
-    /// Bytes submitted but not yet taken by the peer: queued here, plus what the kernel holds
-    /// unsent for a socket. Large means the link (or the peer) is the bottleneck; zero means it
-    /// waits for us.
-    fn backlog(&self) -> usize {
-        self.queued_bytes()
+    /// Bytes submitted that the peer has not taken yet, and where they are (see [`Backlog`]).
+    fn backlog(&self) -> Backlog {
+        Backlog {
+            queued: self.queued_bytes(),
+            kernel_unsent: None,
+            in_flight: 0,
+        }
     }
 
     /// Waits until every submitted frame is handed to the network.
@@ -75,13 +77,54 @@ pub trait FrameReader: Send {
     fn next_frame(&mut self) -> Result<Option<&[u8]>, ChannelError>;
 }
 
-/// Bytes a socket's send queue holds that the peer has not yet taken (`TIOCOUTQ`), or 0 if the
-/// kernel does not say.
-pub(crate) fn socket_unsent(fd: std::os::fd::RawFd) -> usize {
-    let mut unsent: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one int through the pointer, which points at a live local.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unsent) };
-    if rc == 0 { unsent.max(0) as usize } else { 0 }
+/// Bytes a channel holds that the peer has not taken yet, by where they wait.
+///
+/// Where they wait tells a full link from a slow peer. Bytes that wait to get on the link (in
+/// the writer's queue, or unsent in the kernel's socket) show that the link takes them slower
+/// than they come. Bytes on the wire that the peer has not acknowledged show only that
+/// acknowledgements come late, which a receiver short of CPU causes as much as a slow link
+/// does: on a fast link between two busy ends they pile up while the link itself idles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Submitted, not yet handed to the kernel (or, in process, to the peer).
+    pub queued: usize,
+    /// Handed to a kernel socket that has not sent them yet; `None` for backends without one.
+    pub kernel_unsent: Option<usize>,
+    /// Sent, not yet acknowledged by the peer (0 where the backend cannot tell).
+    pub in_flight: usize,
+}
+
+impl Backlog {
+    /// Bytes that wait to get on the link.
+    pub fn unsent(&self) -> usize {
+        self.queued + self.kernel_unsent.unwrap_or(0)
+    }
+
+    /// Every byte the peer has not taken yet.
+    pub fn total(&self) -> usize {
+        self.unsent() + self.in_flight
+    }
+
+    /// The backlog of a writer that has `queued` bytes not yet handed to the TCP socket `fd`:
+    /// the kernel says how many of its bytes it has not sent (`SIOCOUTQNSD`) and how many the
+    /// peer has not acknowledged (`TIOCOUTQ`, sent or not). A kernel that does not say counts
+    /// as holding none.
+    pub(crate) fn of_socket(fd: std::os::fd::RawFd, queued: usize) -> Self {
+        let ioctl_int = |request: libc::Ioctl| {
+            let mut value: libc::c_int = 0;
+            // SAFETY: both requests write one int through the pointer, which points at a live
+            // local; a bad descriptor or request only makes the call fail.
+            let rc = unsafe { libc::ioctl(fd, request, &mut value) };
+            if rc == 0 { value.max(0) as usize } else { 0 }
+        };
+        let unacknowledged = ioctl_int(libc::TIOCOUTQ);
+        let unsent = ioctl_int(libc::SIOCOUTQNSD as libc::Ioctl).min(unacknowledged);
+        Self {
+            queued,
+            kernel_unsent: Some(unsent),
+            in_flight: unacknowledged - unsent,
+        }
+    }
 }
 
 /// Default limit on a frame body accepted by readers: the encoder's frames are a quarter of that.

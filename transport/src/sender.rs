@@ -18,7 +18,7 @@ use pagecodec::{
     PageAddr, ShardMap,
 };
 
-use crate::channel::{DEFAULT_MAX_FRAME_BODY, FrameWriter};
+use crate::channel::{Backlog, DEFAULT_MAX_FRAME_BODY, FrameWriter};
 use crate::control::{
     Hello, Join, KNOWN_FEATURES, MAX_BLOB_CHUNK, MAX_CHANNELS, Message, MessageReader,
     PROTOCOL_VERSION, SessionId,
@@ -952,18 +952,30 @@ enum LinkState {
 }
 
 /// Reads the link's state from a window: the share of it the worker spent blocked on the link
-/// (submitting frames to a full writer queue, or flushing it), and the backlog at its end
-/// (bytes the peer has not taken yet: in the writer's queue and the socket's).
+/// (submitting frames to a full writer queue, or flushing it), and the backlog at its end.
 ///
-/// Either shows a full link on its own. Blocking shows it where the buffers are small, so the
-/// queue fills at once; the backlog shows it where the worker is starved of CPU (both ends and
-/// the VMM on a few cores), so it is seldom blocked, yet what it made waits.
-fn link_state(blocked_permille: u32, backlog: usize, backlog_full: usize) -> LinkState {
-    if blocked_permille > LINK_SATURATED || backlog >= 2 * backlog_full {
+/// The link is full when bytes wait to get on it: a deep backlog not yet sent (in the writer's
+/// queue or unsent in the kernel's socket) shows it where the worker is starved of CPU (both ends
+/// and the VMM on a few cores), so it is seldom blocked, yet what it made waits; blocking shows
+/// it where the buffers are small, so the queue fills at once. For a kernel socket, either
+/// counts only while the kernel holds unsent bytes: a worker also waits on its sends, and its
+/// queue also grows, when the CPUs that would process them are busy, with the link idle and the
+/// kernel having sent all it was given. Bytes in flight (sent, not yet acknowledged) never show
+/// a full link, for the same reason: a busy receiver acknowledges late on a fast link. They do
+/// show that the link is still busy, so the link waits for this worker only when little is
+/// unsent or in flight.
+fn link_state(blocked_permille: u32, backlog: Backlog, backlog_full: usize) -> LinkState {
+    // A socket whose kernel has sent everything it was given is not waiting for its link.
+    let (blocked_on_link, unsent) = if backlog.kernel_unsent.is_none_or(|unsent| unsent > 0) {
+        (blocked_permille, backlog.unsent())
+    } else {
+        (0, 0)
+    };
+    if blocked_on_link > LINK_SATURATED || unsent >= 2 * backlog_full {
         LinkState::Saturated
-    } else if blocked_permille > LINK_BOUND || backlog >= backlog_full {
+    } else if blocked_on_link > LINK_BOUND || unsent >= backlog_full {
         LinkState::Full
-    } else if blocked_permille < LINK_IDLE && backlog < backlog_full / 4 {
+    } else if blocked_on_link < LINK_IDLE && backlog.total() < backlog_full / 4 {
         LinkState::Waiting
     } else {
         LinkState::Unclear
@@ -1317,16 +1329,74 @@ mod tests {
     #[test]
     fn a_full_link_shows_in_blocking_or_in_the_backlog() {
         let full = 1 << 20;
-        // Blocked most of the window, little queued (small buffers).
-        assert_eq!(link_state(300, 100 << 10, full), LinkState::Full);
-        assert_eq!(link_state(600, 100 << 10, full), LinkState::Saturated);
-        // Hardly blocked, but a deep backlog (a worker short of CPU).
-        assert_eq!(link_state(5, 1 << 20, full), LinkState::Full);
-        assert_eq!(link_state(5, 2 << 20, full), LinkState::Saturated);
-        // Neither blocked nor queued: the link waits.
-        assert_eq!(link_state(10, 64 << 10, full), LinkState::Waiting);
+        let socket = |queued: usize, unsent: usize, in_flight: usize| Backlog {
+            queued,
+            kernel_unsent: Some(unsent),
+            in_flight,
+        };
+        // Blocked most of the window, little queued (small buffers), the socket holding some.
+        assert_eq!(
+            link_state(300, socket(0, 100 << 10, 0), full),
+            LinkState::Full
+        );
+        assert_eq!(
+            link_state(600, socket(0, 100 << 10, 0), full),
+            LinkState::Saturated
+        );
+        // Hardly blocked, but a deep backlog not yet sent (a worker short of CPU).
+        assert_eq!(
+            link_state(5, socket(512 << 10, 512 << 10, 0), full),
+            LinkState::Full
+        );
+        assert_eq!(
+            link_state(5, socket(1 << 20, 1 << 20, 0), full),
+            LinkState::Saturated
+        );
+        // Neither blocked nor queued nor in flight: the link waits.
+        assert_eq!(
+            link_state(10, socket(64 << 10, 0, 0), full),
+            LinkState::Waiting
+        );
         // Some of each: unclear.
-        assert_eq!(link_state(100, 512 << 10, full), LinkState::Unclear);
+        assert_eq!(
+            link_state(100, socket(256 << 10, 256 << 10, 0), full),
+            LinkState::Unclear
+        );
+    }
+
+    #[test]
+    fn late_acknowledgements_do_not_look_like_a_full_link() {
+        let full = 1 << 20;
+        // Blocked on sends, with a queue, while the kernel has sent everything, and megabytes
+        // unacknowledged: CPUs too busy to send or to acknowledge, not a full link. Nor does
+        // the link wait: it holds its level.
+        let busy_peer = Backlog {
+            queued: 2 << 20,
+            kernel_unsent: Some(0),
+            in_flight: 2 << 20,
+        };
+        assert_eq!(link_state(800, busy_peer, full), LinkState::Unclear);
+        // Once nothing is in flight either, the link waits, however long the sends took.
+        let idle_link = Backlog {
+            queued: 64 << 10,
+            in_flight: 0,
+            ..busy_peer
+        };
+        assert_eq!(link_state(800, idle_link, full), LinkState::Waiting);
+        // The same with the kernel holding unsent bytes: the link is full.
+        let full_link = Backlog {
+            kernel_unsent: Some(4 << 10),
+            ..busy_peer
+        };
+        assert_eq!(link_state(800, full_link, full), LinkState::Saturated);
+        // Without a kernel socket (in-process channels), blocking is all there is to go by.
+        let in_process = Backlog {
+            queued: 64 << 10,
+            kernel_unsent: None,
+            in_flight: 0,
+        };
+        assert_eq!(link_state(800, in_process, full), LinkState::Saturated);
+        assert_eq!(link_state(10, in_process, full), LinkState::Waiting);
     }
 
     #[test]

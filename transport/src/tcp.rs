@@ -5,7 +5,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 
 use crate::channel::{
-    ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame, socket_unsent,
+    Backlog, ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame,
 };
 
 /// Writes frames with `write_all`; a frame is sent (as far as this end can tell) when the call
@@ -43,8 +43,8 @@ impl FrameWriter for TcpFrameWriter {
         0
     }
 
-    fn backlog(&self) -> usize {
-        socket_unsent(self.stream.as_raw_fd())
+    fn backlog(&self) -> Backlog {
+        Backlog::of_socket(self.stream.as_raw_fd(), 0)
     }
 
     fn flush(&mut self) -> Result<(), ChannelError> {

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use io_uring::{IoUring, Probe, opcode, types};
 
 use crate::channel::{
-    ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame, socket_unsent,
+    Backlog, ChannelError, FrameAssembler, FrameReader, FrameWriter, closed_mid_frame,
 };
 
 /// Most frames covered by one send.
@@ -211,8 +211,8 @@ impl FrameWriter for UringFrameWriter {
         self.queued
     }
 
-    fn backlog(&self) -> usize {
-        self.queued + socket_unsent(self.stream.as_raw_fd())
+    fn backlog(&self) -> Backlog {
+        Backlog::of_socket(self.stream.as_raw_fd(), self.queued)
     }
 
     fn flush(&mut self) -> Result<(), ChannelError> {
