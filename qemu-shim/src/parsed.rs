@@ -603,6 +603,8 @@ struct StagingState {
     finished: bool,
     /// The session ended early (or the writer failed): everyone stops.
     stopped: bool,
+    /// Emptied buckets the writer gave back, their buffers kept (see [`Staging::batch_written`]).
+    spare: Vec<Bucket>,
     /// The transport's session ended: channels stop waiting for room.
     released: bool,
 }
@@ -682,7 +684,10 @@ impl Staging {
             *stalled += waiting.elapsed();
             state.channels_waiting -= 1;
         }
-        let bucket = state.buckets[channel].entry(generation).or_default();
+        let StagingState { buckets, spare, .. } = &mut *state;
+        let bucket = buckets[channel]
+            .entry(generation)
+            .or_insert_with(|| spare.pop().unwrap_or_default());
         bucket.records.push((addr, page.is_none()));
         match page {
             Some(page) => {
@@ -771,10 +776,25 @@ impl Staging {
         }
     }
 
-    /// The writer wrote the pages it took last.
-    fn batch_written(&self) {
+    /// The writer wrote the pages it took last, in `buckets`; their buffers serve again.
+    ///
+    /// Buckets come and go with every batch, and their page bytes grow page by page: in fresh
+    /// buffers that cost a page fault per page and a copy at every doubling, a tenth of the
+    /// decoding threads' time. Emptied buffers are kept while their capacity, all together, is
+    /// under [`STAGED_LIMIT`], so the staging holds at most twice that.
+    fn batch_written(&self, buckets: Vec<Bucket>) {
         let mut state = self.state.lock().expect("not poisoned");
         state.in_writer = 0;
+        let mut kept: usize = state.spare.iter().map(|b| b.data.capacity()).sum();
+        for mut bucket in buckets {
+            kept += bucket.data.capacity();
+            if kept > STAGED_LIMIT {
+                break;
+            }
+            bucket.records.clear();
+            bucket.data.clear();
+            state.spare.push(bucket);
+        }
         if state.channels_waiting > 0 {
             self.room.notify_all();
         }
@@ -857,11 +877,11 @@ impl Rebuild<'_> {
                     self.write_buckets(&pages)?;
                     // Pages written now need not wait for the next blob to reach QEMU.
                     self.flush()?;
-                    self.staging.batch_written();
+                    self.staging.batch_written(pages);
                 }
                 WriterWork::Blob { pages, tag, data } => {
                     self.write_buckets(&pages)?;
-                    self.staging.batch_written();
+                    self.staging.batch_written(pages);
                     self.blob(tag, &data)?;
                 }
                 // Every batch queued its last packet already (`write_buckets`).
@@ -1379,6 +1399,55 @@ mod tests {
     }
 
     #[test]
+    fn written_buckets_serve_again_emptied() {
+        let staging = Staging::default();
+        staging.set_channels(1);
+        staging.written_through(0);
+        let pages = 64;
+        for index in 0..pages {
+            staging
+                .push(
+                    0,
+                    addr(index),
+                    0,
+                    Some(&[5; PAGE_SIZE]),
+                    &mut Duration::default(),
+                )
+                .unwrap();
+        }
+        let WriterWork::Pages(taken) = staging.next() else {
+            panic!("expected pages");
+        };
+        let capacity = taken[0].data.capacity();
+        assert!(capacity >= pages as usize * PAGE_SIZE);
+        staging.batch_written(taken);
+        // The next bucket is the same buffer, holding only the new page.
+        staging
+            .push(
+                0,
+                addr(99),
+                0,
+                Some(&[6; PAGE_SIZE]),
+                &mut Duration::default(),
+            )
+            .unwrap();
+        let WriterWork::Pages(taken) = staging.next() else {
+            panic!("expected pages");
+        };
+        assert_eq!(taken[0].records, [(addr(99), false)]);
+        assert_eq!(taken[0].data, [6; PAGE_SIZE]);
+        assert_eq!(taken[0].data.capacity(), capacity);
+        // What is kept stays under the staging's limit.
+        let huge = Bucket {
+            records: Vec::new(),
+            data: Vec::with_capacity(STAGED_LIMIT + 1),
+        };
+        staging.batch_written(vec![huge]);
+        let spare = &staging.state.lock().unwrap().spare;
+        assert!(spare.iter().map(|b| b.data.capacity()).sum::<usize>() <= STAGED_LIMIT);
+    }
+
+    #[test]
     fn the_highest_pass_number_does_not_overflow() {
         let staging = Staging::default();
         staging.set_channels(1);
@@ -1406,14 +1475,14 @@ mod tests {
         assert_eq!(pages_of(staging.next()), [0]);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
-        staging.batch_written();
+        staging.batch_written(Vec::new());
         // Pass 1's bytes are written: its staged pages go to the writer, and once it wrote
         // them the waiting page gets in.
         staging.written_through(1);
         assert_eq!(pages_of(staging.next()).len(), future_pages);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
-        staging.batch_written();
+        staging.batch_written(Vec::new());
         waiting.join().unwrap().unwrap();
         assert_eq!(pages_of(staging.next()), [9]);
     }
@@ -1431,7 +1500,7 @@ mod tests {
         let waiting = push_later(&staging, 1, limit_pages, 0);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!waiting.is_finished());
-        staging.batch_written();
+        staging.batch_written(Vec::new());
         let stalled = waiting.join().unwrap().unwrap();
         assert!(stalled >= Duration::from_millis(40), "{stalled:?}");
         assert_eq!(pages_of(staging.next()), [limit_pages]);
