@@ -779,9 +779,9 @@ impl Staging {
     /// The writer wrote the pages it took last, in `buckets`; their buffers serve again.
     ///
     /// Buckets come and go with every batch, and their page bytes grow page by page: in fresh
-    /// buffers that cost a page fault per page and a copy at every doubling, a tenth of the
-    /// decoding threads' time. Emptied buffers are kept while their capacity, all together, is
-    /// under [`STAGED_LIMIT`], so the staging holds at most twice that.
+    /// buffers that costs page faults (first touches) and a copy at every doubling, in the
+    /// decoding threads. Emptied buffers are kept while their capacity, all together, is under
+    /// [`STAGED_LIMIT`], so the staging holds at most twice that.
     fn batch_written(&self, buckets: Vec<Bucket>) {
         let mut state = self.state.lock().expect("not poisoned");
         state.in_writer = 0;
