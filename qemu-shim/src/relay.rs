@@ -49,6 +49,17 @@ impl std::str::FromStr for Endpoint {
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
         if let Some(addr) = s.strip_prefix("tcp:") {
+            // HOST:PORT, the host possibly a bracketed IPv6 address. The name is resolved when
+            // the shim connects; its shape is checked now, so that a typo fails at start-up
+            // rather than at the first migration.
+            let port_ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(format!(
+                    "'{s}' is not tcp:HOST:PORT (a port from 0 to 65535)"
+                ));
+            }
             return Ok(Endpoint::Tcp(addr.to_string()));
         }
         Err(format!(
@@ -1006,5 +1017,30 @@ pub fn run_destination_on(
                 session.report("destination shim", &config.log, &done_tx);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_checked_when_parsed() {
+        let unix: Endpoint = "unix:///run/ps/dst.sock".parse().unwrap();
+        assert_eq!(unix, Endpoint::Unix(PathBuf::from("/run/ps/dst.sock")));
+        let tcp: Endpoint = "tcp:[::1]:4444".parse().unwrap();
+        assert_eq!(tcp, Endpoint::Tcp("[::1]:4444".into()));
+        assert!("tcp:qemu-host:4444".parse::<Endpoint>().is_ok());
+        for bad in [
+            "tcp:1",
+            "tcp::4444",
+            "tcp:host:",
+            "tcp:host:65536",
+            "unix:",
+            "host:1",
+        ] {
+            let err = bad.parse::<Endpoint>().unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
     }
 }
