@@ -42,6 +42,10 @@ pub struct QemuArgs {
     /// shim (parsing mode), shim-opaque.
     #[arg(long, default_value = "native,multifd-zstd,xbzrle,shim")]
     methods: String,
+    /// Rounds: every method runs once per round, in order; the report gives each method's
+    /// median and range, and the shim's ratios both of the medians and round by round.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     /// Print the shims' log lines (progress, summaries with pages by class) to stderr.
     #[arg(long)]
     shim_log: bool,
@@ -262,6 +266,9 @@ fn qemu(args: QemuArgs) -> Result<()> {
     if args.fill >= args.mem || args.mem < 128 || args.mem > 16384 {
         bail!("--mem must be 128 to 16384 MiB and larger than --fill");
     }
+    if args.repeat == 0 || args.repeat > 20 {
+        bail!("--repeat must be between 1 and 20");
+    }
     let methods = args
         .methods
         .split(',')
@@ -282,6 +289,7 @@ fn qemu(args: QemuArgs) -> Result<()> {
         dirty_rate: args.dirty_rate,
         time_limit: std::time::Duration::from_secs(args.time_limit),
         methods,
+        repeat: args.repeat,
         shim_log: args.shim_log,
     };
     let workspace = std::env::current_dir()?;
@@ -305,14 +313,20 @@ fn qemu(args: QemuArgs) -> Result<()> {
         report.qemu
     );
     println!("machine: {}\n", report.machine);
+    let repeated = report.repeat > 1;
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>14} {:>12} {:>10}",
+        "{:<24} {:>10} {:>10} {:>10} {:>14} {:>10} {:>10}",
         "method", "total s", "setup", "downtime", "on the wire", "converged", "status"
     );
     for r in &report.results {
+        let name = if repeated {
+            format!("{} (round {})", r.method.name(), r.round)
+        } else {
+            r.method.name().to_string()
+        };
         println!(
-            "{:<14} {:>10} {:>10} {:>10} {:>10.1} MiB {:>12} {:>10}",
-            r.method.name(),
+            "{:<24} {:>10} {:>10} {:>10} {:>10.1} MiB {:>10} {:>10}",
+            name,
             r.total_s.map_or("-".into(), |t| format!("{t:.2}")),
             r.setup_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
             r.downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
@@ -323,15 +337,58 @@ fn qemu(args: QemuArgs) -> Result<()> {
     }
     for r in &report.results {
         if let Some(note) = &r.note {
-            println!("{}: {note}", r.method.name());
+            println!("{} (round {}): {note}", r.method.name(), r.round);
         }
     }
-    if let Some(x) = report.shim_vs_native_time {
-        print!("\nshim total time {x:.2}x native's");
-        if let Some(b) = report.shim_vs_best_qemu_time {
-            print!(", {b:.2}x the best QEMU configuration's");
+    if repeated {
+        let spread = |s: Option<qemu_bench::Spread>, unit: &str, digits: usize| {
+            s.map_or("-".into(), |s| {
+                format!(
+                    "{:.digits$} ({:.digits$}-{:.digits$}){unit}",
+                    s.median, s.min, s.max
+                )
+            })
+        };
+        println!(
+            "
+median (range) of {} rounds:",
+            report.repeat
+        );
+        println!(
+            "{:<24} {:>20} {:>22} {:>22} {:>10}",
+            "method", "total s", "downtime", "on the wire", "converged"
+        );
+        for s in &report.summary {
+            println!(
+                "{:<24} {:>20} {:>22} {:>22} {:>10}",
+                s.method.name(),
+                spread(s.total_s, "", 2),
+                spread(s.downtime_ms, " ms", 0),
+                spread(s.wire_mib, " MiB", 0),
+                format!("{}/{}", s.converged, s.runs)
+            );
         }
-        if let Some(d) = report.shim_vs_native_downtime {
+    }
+    let c = &report.comparison;
+    let by_round = |ratios: &[f64]| {
+        qemu_bench::Spread::of(ratios.iter().copied())
+            .filter(|_| repeated)
+            .map_or(String::new(), |s| {
+                format!(" (medians; round by round {:.2}-{:.2})", s.min, s.max)
+            })
+    };
+    if let Some(x) = c.shim_vs_native_time {
+        print!(
+            "\nshim total time {x:.2}x native's{}",
+            by_round(&c.shim_vs_native_time_by_round)
+        );
+        if let Some(b) = c.shim_vs_best_qemu_time {
+            print!(
+                ", {b:.2}x the best QEMU configuration's{}",
+                by_round(&c.shim_vs_best_qemu_time_by_round)
+            );
+        }
+        if let Some(d) = c.shim_vs_native_downtime {
             print!("; downtime {d:.2}x native's");
         }
         println!();

@@ -145,7 +145,15 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
+        (
+            &["shim", "recv", "--listen", "127.0.0.1:0", "--qemu", "tcp:1"],
+            "is not tcp:HOST:PORT",
+        ),
+        (
+            &["bench", "qemu", "--repeat", "0"],
+            "--repeat must be between 1 and 20",
+        ),
         (
             &["codec", "bench", "--image", "/nonexistent/image"],
             "cannot read memory image",

@@ -119,6 +119,9 @@ pub struct QemuBenchConfig {
     pub time_limit: Duration,
     /// Methods to run.
     pub methods: Vec<Method>,
+    /// Rounds: every method runs once per round, in order, so that each round compares the
+    /// methods at one moment of a machine whose speed drifts.
+    pub repeat: u32,
     /// Print the shims' log lines (progress and summaries, with pages by class) to stderr.
     pub shim_log: bool,
 }
@@ -128,6 +131,8 @@ pub struct QemuBenchConfig {
 pub struct MethodResult {
     /// The method.
     pub method: Method,
+    /// The round it ran in, from 1.
+    pub round: u32,
     /// Whether the migration completed within the time limit.
     pub converged: bool,
     /// QEMU's final status.
@@ -164,18 +169,164 @@ pub struct QemuBenchReport {
     pub dirty_rate: u32,
     /// Time limit, seconds.
     pub time_limit_s: f64,
-    /// Per method.
+    /// Rounds run.
+    pub repeat: u32,
+    /// Every run, round by round.
     pub results: Vec<MethodResult>,
-    /// Shim total time over native's.
-    pub shim_vs_native_time: Option<f64>,
-    /// Shim total time over the best QEMU configuration's.
-    pub shim_vs_best_qemu_time: Option<f64>,
-    /// Shim downtime over native's.
-    pub shim_vs_native_downtime: Option<f64>,
+    /// Per method, over its runs.
+    pub summary: Vec<MethodSummary>,
+    /// The shim against QEMU's own migrations.
+    pub comparison: Comparison,
     /// QEMU's version.
     pub qemu: String,
     /// The machine.
     pub machine: String,
+}
+
+/// Median and range of one figure over a method's runs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Spread {
+    /// The median (of an even count, the mean of the middle two).
+    pub median: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values`; `None` if there are none.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+        let mut v: Vec<f64> = values.into_iter().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len().is_multiple_of(2) {
+            (v[mid - 1] + v[mid]) / 2.0
+        } else {
+            v[mid]
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+/// One method's figures over its runs. Times and downtimes are those of the runs that
+/// completed; a run that did not converge has none.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MethodSummary {
+    /// The method.
+    pub method: Method,
+    /// Runs.
+    pub runs: u32,
+    /// Runs that completed within the time limit.
+    pub converged: u32,
+    /// QEMU's total time, seconds.
+    pub total_s: Option<Spread>,
+    /// QEMU's setup time, milliseconds.
+    pub setup_ms: Option<Spread>,
+    /// Source `STOP` to destination `RESUME`, milliseconds.
+    pub downtime_ms: Option<Spread>,
+    /// Bytes on the link, MiB.
+    pub wire_mib: Option<Spread>,
+}
+
+/// The shim (`shim`, parsing mode) against QEMU's own migrations: ratios of the medians, and
+/// the same ratio within each round, where both ran at the same moment of the machine.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Comparison {
+    /// Shim total time over native's (medians).
+    pub shim_vs_native_time: Option<f64>,
+    /// The same, round by round.
+    pub shim_vs_native_time_by_round: Vec<f64>,
+    /// Shim total time over the best QEMU configuration's (the lowest median).
+    pub shim_vs_best_qemu_time: Option<f64>,
+    /// Shim total time over the fastest QEMU configuration of the same round, round by round.
+    pub shim_vs_best_qemu_time_by_round: Vec<f64>,
+    /// Shim downtime over native's (medians).
+    pub shim_vs_native_downtime: Option<f64>,
+}
+
+/// Per-method summaries of `results`, in the order of `methods`.
+pub fn summarize(results: &[MethodResult], methods: &[Method]) -> Vec<MethodSummary> {
+    methods
+        .iter()
+        .map(|&method| {
+            let runs: Vec<&MethodResult> = results.iter().filter(|r| r.method == method).collect();
+            MethodSummary {
+                method,
+                runs: runs.len() as u32,
+                converged: runs.iter().filter(|r| r.converged).count() as u32,
+                total_s: Spread::of(runs.iter().filter_map(|r| r.total_s)),
+                setup_ms: Spread::of(runs.iter().filter_map(|r| r.setup_ms)),
+                downtime_ms: Spread::of(runs.iter().filter_map(|r| r.downtime_ms)),
+                wire_mib: Spread::of(
+                    runs.iter()
+                        .map(|r| r.wire_bytes as f64 / (1u64 << 20) as f64),
+                ),
+            }
+        })
+        .collect()
+}
+
+/// The shim against QEMU's own migrations, from the runs and their summaries. A method that
+/// never completed has no median and takes no part; a round counts where the shim and the
+/// method compared both completed.
+pub fn compare(results: &[MethodResult], summary: &[MethodSummary]) -> Comparison {
+    let median = |m: Method, pick: fn(&MethodSummary) -> Option<Spread>| {
+        summary
+            .iter()
+            .find(|s| s.method == m)
+            .and_then(pick)
+            .map(|s| s.median)
+    };
+    let shim_time = median(Method::Shim, |s| s.total_s);
+    let best_qemu = summary
+        .iter()
+        .filter(|s| !s.method.is_shim())
+        .filter_map(|s| s.total_s.map(|t| t.median))
+        .min_by(f64::total_cmp);
+    let rounds = results.iter().map(|r| r.round).max().unwrap_or(0);
+    let mut by_native = Vec::new();
+    let mut by_best = Vec::new();
+    for round in 1..=rounds {
+        let time = |m: Method| {
+            results
+                .iter()
+                .find(|r| r.round == round && r.method == m)
+                .and_then(|r| r.total_s)
+        };
+        let Some(shim) = time(Method::Shim) else {
+            continue;
+        };
+        if let Some(native) = time(Method::Native) {
+            by_native.push(shim / native);
+        }
+        let best = results
+            .iter()
+            .filter(|r| r.round == round && !r.method.is_shim())
+            .filter_map(|r| r.total_s)
+            .min_by(f64::total_cmp);
+        if let Some(best) = best {
+            by_best.push(shim / best);
+        }
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    Comparison {
+        shim_vs_native_time: ratio(shim_time, median(Method::Native, |s| s.total_s)),
+        shim_vs_native_time_by_round: by_native,
+        shim_vs_best_qemu_time: ratio(shim_time, best_qemu),
+        shim_vs_best_qemu_time_by_round: by_best,
+        shim_vs_native_downtime: ratio(
+            median(Method::Shim, |s| s.downtime_ms),
+            median(Method::Native, |s| s.downtime_ms),
+        ),
+    }
 }
 
 const PORT: u16 = 4444;
@@ -186,6 +337,7 @@ fn run_method(
     dir: &Path,
     config: &QemuBenchConfig,
     method: Method,
+    round: u32,
 ) -> Result<MethodResult, String> {
     let err = |e: pagestream_qemu_shim::vm::VmError| e.to_string();
     let shim = method.is_shim();
@@ -392,6 +544,7 @@ fn run_method(
     }
     Ok(MethodResult {
         method,
+        round,
         converged,
         status,
         total_s: info["total-time"]
@@ -407,7 +560,8 @@ fn run_method(
     })
 }
 
-/// Runs every method of `config` in turn, calling `progress` before each.
+/// Runs every method of `config` in turn, `config.repeat` rounds, calling `progress` before
+/// each run.
 pub fn run(
     workspace: &Path,
     config: &QemuBenchConfig,
@@ -428,34 +582,24 @@ pub fn run(
     let dir = std::env::temp_dir().join(format!("ps-bench-qemu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut results = Vec::new();
-    for &method in &config.methods {
-        progress(&format!(
-            "{}: booting two {} MiB guests and migrating",
-            method.name(),
-            config.memory_mib
-        ));
-        results.push(run_method(&guest, &pair, &dir, config, method)?);
+    for round in 1..=config.repeat {
+        for &method in &config.methods {
+            let of = if config.repeat > 1 {
+                format!("round {round} of {}, ", config.repeat)
+            } else {
+                String::new()
+            };
+            progress(&format!(
+                "{of}{}: booting two {} MiB guests and migrating",
+                method.name(),
+                config.memory_mib
+            ));
+            results.push(run_method(&guest, &pair, &dir, config, method, round)?);
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let time = |m: Method| {
-        results
-            .iter()
-            .find(|r| r.method == m)
-            .and_then(|r| r.total_s)
-    };
-    let downtime = |m: Method| {
-        results
-            .iter()
-            .find(|r| r.method == m)
-            .and_then(|r| r.downtime_ms)
-    };
-    let best_qemu = results
-        .iter()
-        .filter(|r| !r.method.is_shim())
-        .filter_map(|r| r.total_s)
-        .fold(None, |best: Option<f64>, t| {
-            Some(best.map_or(t, |b| b.min(t)))
-        });
+    let summary = summarize(&results, &config.methods);
+    let comparison = compare(&results, &summary);
     let qemu = std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -474,15 +618,102 @@ pub fn run(
         fill_mib: config.fill_mib,
         dirty_rate: config.dirty_rate,
         time_limit_s: config.time_limit.as_secs_f64(),
-        shim_vs_native_time: time(Method::Shim)
-            .zip(time(Method::Native))
-            .map(|(s, n)| s / n),
-        shim_vs_best_qemu_time: time(Method::Shim).zip(best_qemu).map(|(s, b)| s / b),
-        shim_vs_native_downtime: downtime(Method::Shim)
-            .zip(downtime(Method::Native))
-            .map(|(s, n)| s / n),
+        repeat: config.repeat,
         results,
+        summary,
+        comparison,
         qemu,
         machine: crate::machine::describe(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(method: Method, round: u32, total_s: Option<f64>, downtime_ms: f64) -> MethodResult {
+        MethodResult {
+            method,
+            round,
+            converged: total_s.is_some(),
+            status: if total_s.is_some() {
+                "completed"
+            } else {
+                "cancelled"
+            }
+            .into(),
+            total_s,
+            downtime_ms: total_s.map(|_| downtime_ms),
+            qemu_downtime_ms: None,
+            setup_ms: Some(400.0),
+            wire_bytes: 100 << 20,
+            qemu_transferred: 0,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn a_spread_has_the_median_and_the_range() {
+        assert_eq!(Spread::of([]), None);
+        let odd = Spread::of([3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((odd.median, odd.min, odd.max), (2.0, 1.0, 3.0));
+        let even = Spread::of([4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!((even.median, even.min, even.max), (2.5, 1.0, 4.0));
+    }
+
+    #[test]
+    fn summaries_count_only_the_runs_that_completed() {
+        let results = [
+            run(Method::Native, 1, Some(5.0), 260.0),
+            run(Method::Shim, 1, Some(2.5), 80.0),
+            run(Method::Native, 2, None, 0.0),
+            run(Method::Shim, 2, Some(2.7), 100.0),
+        ];
+        let summary = summarize(&results, &[Method::Native, Method::Shim]);
+        assert_eq!(summary[0].method, Method::Native);
+        assert_eq!((summary[0].runs, summary[0].converged), (2, 1));
+        assert_eq!(summary[0].total_s.unwrap().median, 5.0);
+        assert_eq!(summary[0].downtime_ms.unwrap().median, 260.0);
+        assert_eq!(summary[0].setup_ms.unwrap().median, 400.0);
+        assert_eq!(
+            summary[1].total_s.unwrap(),
+            Spread {
+                median: 2.6,
+                min: 2.5,
+                max: 2.7
+            }
+        );
+        assert_eq!(summary[1].wire_mib.unwrap().median, 100.0);
+    }
+
+    #[test]
+    fn the_shim_is_compared_by_medians_and_within_each_round() {
+        let results = [
+            run(Method::Native, 1, Some(5.0), 250.0),
+            run(Method::MultifdZstd, 1, Some(2.0), 60.0),
+            run(Method::Shim, 1, Some(2.5), 75.0),
+            run(Method::Native, 2, Some(4.0), 250.0),
+            run(Method::MultifdZstd, 2, Some(3.0), 60.0),
+            run(Method::Shim, 2, Some(3.0), 125.0),
+            // A round where native did not converge counts against the best QEMU alone.
+            run(Method::Native, 3, None, 0.0),
+            run(Method::MultifdZstd, 3, Some(2.5), 60.0),
+            run(Method::Shim, 3, Some(2.0), 100.0),
+        ];
+        let methods = [Method::Native, Method::MultifdZstd, Method::Shim];
+        let c = compare(&results, &summarize(&results, &methods));
+        // Medians: shim 2.5, native 4.5, multifd + zstd 2.5; downtimes 100 and 250.
+        assert_eq!(c.shim_vs_native_time, Some(2.5 / 4.5));
+        assert_eq!(c.shim_vs_best_qemu_time, Some(1.0));
+        assert_eq!(c.shim_vs_native_downtime, Some(0.4));
+        assert_eq!(c.shim_vs_native_time_by_round, vec![0.5, 0.75]);
+        assert_eq!(c.shim_vs_best_qemu_time_by_round, vec![1.25, 1.0, 0.8]);
+    }
+
+    #[test]
+    fn without_a_shim_run_nothing_is_compared() {
+        let results = [run(Method::Native, 1, Some(5.0), 250.0)];
+        let c = compare(&results, &summarize(&results, &[Method::Native]));
+        assert_eq!(c, Comparison::default());
+    }
 }
