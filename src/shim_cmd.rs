@@ -41,6 +41,10 @@ pub struct SendArgs {
     /// Data channels of parsing mode (default: one per CPU, 2 to 8).
     #[arg(long)]
     channels: Option<u16>,
+    /// Seconds the destination shim may stay unreachable (a network partition sends no reset)
+    /// before the migration fails and QEMU is told (1 to 3600).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    link_timeout: u64,
     /// Exit after one migration.
     #[arg(long)]
     once: bool,
@@ -72,6 +76,10 @@ pub struct RecvArgs {
     /// default, all zero.
     #[arg(long, value_name = "UUID", requires = "qemu_multifd")]
     qemu_uuid: Option<String>,
+    /// Seconds the source shim may stay unreachable before the migration fails and the
+    /// destination QEMU's connection is closed (1 to 3600).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    link_timeout: u64,
     /// Exit after one migration.
     #[arg(long)]
     once: bool,
@@ -93,6 +101,13 @@ fn key(path: &Option<PathBuf>) -> Result<Option<Key>> {
         .map_err(anyhow::Error::msg)
 }
 
+fn link_timeout(secs: u64) -> Result<std::time::Duration> {
+    if !(1..=3600).contains(&secs) {
+        bail!("--link-timeout must be between 1 and 3600 seconds, not {secs}");
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 pub fn run(cmd: ShimCommand) -> Result<()> {
     let summaries = match cmd {
         ShimCommand::Send(args) => {
@@ -112,6 +127,7 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                     Some(n) => bail!("--channels must be between 1 and 64, not {n}"),
                     None => pagestream_transport::default_channels(),
                 },
+                link_timeout: link_timeout(args.link_timeout)?,
                 once: args.once,
                 log: stderr_log(),
             })
@@ -137,6 +153,7 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                         },
                     }),
                 },
+                link_timeout: link_timeout(args.link_timeout)?,
                 once: args.once,
                 log: stderr_log(),
             })

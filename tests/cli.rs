@@ -145,7 +145,20 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
+        (
+            &[
+                "shim",
+                "send",
+                "--listen",
+                "unix:/tmp/x.sock",
+                "--to",
+                "127.0.0.1:1",
+                "--link-timeout",
+                "0",
+            ],
+            "--link-timeout must be between 1 and 3600 seconds",
+        ),
         (
             &["shim", "recv", "--listen", "127.0.0.1:0", "--qemu", "tcp:1"],
             "is not tcp:HOST:PORT",

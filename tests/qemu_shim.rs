@@ -2,10 +2,11 @@
 //! guest from scripts/build-guest.sh; scripts/test.sh installs and builds both).
 //!
 //! Each test runs two QEMU processes (TCG) and the two shims as `pagestream shim send|recv`
-//! processes on loopback, migrates a guest whose workload keeps dirtying memory, and checks what
-//! a user would: the migration completes, the paused source and destination hold bit-identical
-//! memory, every stream arrived exactly as QEMU wrote it (the shims' end-to-end digests), and
-//! the destination guest runs on.
+//! processes on loopback (between two network namespaces where the link is cut), migrates a
+//! guest whose workload keeps dirtying memory, and checks what a user would: the migration
+//! completes, the paused source and destination hold bit-identical memory, every stream arrived
+//! exactly as QEMU wrote it (the shims' end-to-end digests), and the destination guest runs on;
+//! or, where something breaks, it fails on both sides with the reason and the source runs on.
 //!
 //! Memory is compared page by page, all of it, once the destination has loaded the migration:
 //! the guest RAM is padded (`vm::TCG_TRACKING_PAD`) so that QEMU 7.2 under TCG tracks every
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pagestream_benches::netns::LinkPair;
 use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
 use serde_json::json;
 
@@ -592,6 +594,130 @@ fn a_killed_destination_shim_fails_the_migration_and_the_source_runs_on() {
 #[test]
 fn a_killed_shim_in_opaque_mode_fails_the_migration_too() {
     kill_mid_migration("killed-opaque", &["--mode", "opaque"], Victim::Source);
+}
+
+/// A shim in the network namespace `ns`, logging to `log`.
+fn shim_in(ns: &str, args: &[&str], log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    Proc(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                env!("CARGO_BIN_EXE_pagestream"),
+                "shim",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("ip netns exec runs"),
+    )
+}
+
+/// Cuts the link between the shims mid-migration, silently (every packet dropped, no reset
+/// to either end): both shims must give it up after `--link-timeout`, the source QEMU report
+/// a failed migration and run on, the destination QEMU stop waiting. Without the kernel's
+/// liveness checks on the shims' sockets, both sides would wait for ever.
+fn partition_mid_migration(name: &str, send_args: &[&str]) {
+    const LINK_TIMEOUT_S: u64 = 5;
+    let pair = LinkPair::create("20mbit", 64 << 10).expect("two network namespaces (root)");
+    let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
+    let scratch = Scratch::new(name);
+    let dir = scratch.0.clone();
+    let (dst_sock, src_sock, key) = (dir.join("dst.sock"), dir.join("src.sock"), dir.join("key"));
+    std::fs::write(&key, "a partitioned pair of pagestream shims\n").unwrap();
+    let mut dst = vm(&guest, &dir, "dst", Some("defer"), 2000);
+    dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
+        .unwrap();
+    let (to, timeout) = (
+        format!("{}:4444", pair.dst_addr),
+        LINK_TIMEOUT_S.to_string(),
+    );
+    let (qemu, key) = (
+        format!("unix:{}", dst_sock.display()),
+        key.display().to_string(),
+    );
+    let common = ["--once", "--key-file", &key, "--link-timeout", &timeout];
+    let recv_args = [&["recv", "--listen", &to, "--qemu", &qemu][..], &common].concat();
+    let mut recv = shim_in(pair.dst_ns(), &recv_args, &dir.join("recv.log"));
+    let listen = format!("unix:{}", src_sock.display());
+    let send_args = [
+        &["send", "--listen", &listen, "--to", &to][..],
+        &common,
+        send_args,
+    ]
+    .concat();
+    let mut send = shim_in(pair.src_ns(), &send_args, &dir.join("send.log"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !src_sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut src = vm(&guest, &dir, "src", None, 2000);
+    src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
+        .unwrap();
+    src.parameters(json!({"max-bandwidth": 1u64 << 40}))
+        .unwrap();
+    src.migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = src.qmp.execute("query-migrate", json!({})).unwrap();
+        assert!(
+            info["status"] == "setup" || info["status"] == "active",
+            "still migrating before the cut: {info}"
+        );
+        if info["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration does not start: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pair.partition().unwrap();
+    let info = src
+        .wait_migration(Duration::from_secs(60))
+        .expect("no hang on the source");
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(
+        src.status().unwrap(),
+        "running",
+        "the source VM must keep running"
+    );
+    let ticks = src
+        .console_text()
+        .matches("pagestream-workload tick")
+        .count();
+    src.wait_console(
+        "pagestream-workload tick",
+        ticks + 2,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    for (p, name) in [(&mut send, "send.log"), (&mut recv, "recv.log")] {
+        let status = wait_exit(p, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("a shim still waits: {}", read_log(&dir, name)));
+        let text = read_log(&dir, name);
+        assert!(!status.success(), "{text}");
+        assert!(text.contains("FAILED"), "{text}");
+    }
+    assert!(
+        dst.wait_exit(Duration::from_secs(30)),
+        "the destination QEMU still waits"
+    );
+}
+
+#[test]
+fn a_network_partition_fails_the_migration_and_the_source_runs_on() {
+    partition_mid_migration("partition", &[]);
+}
+
+#[test]
+fn a_network_partition_in_opaque_mode_fails_the_migration_too() {
+    partition_mid_migration("partition-opaque", &["--mode", "opaque"]);
 }
 
 /// A destination QEMU that refuses the stream (its RAM is not the source's size): the migration

@@ -9,12 +9,16 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A shaped link between a source and a destination namespace.
 #[derive(Debug)]
 pub struct LinkPair {
     src_ns: String,
     dst_ns: String,
+    /// The veth ends, in their namespaces.
+    src_if: String,
+    dst_if: String,
     /// Address of the source end.
     pub src_addr: Ipv4Addr,
     /// Address of the destination end.
@@ -78,15 +82,20 @@ impl LinkPair {
         remove_stale();
         let pid = std::process::id();
         let subnet = (pid % 250) as u8 + 1;
+        // Several pairs of one process (tests run in parallel) need names of their own.
+        static PAIRS: AtomicU32 = AtomicU32::new(0);
+        let n = PAIRS.fetch_add(1, Ordering::Relaxed);
         let pair = LinkPair {
-            src_ns: format!("psb-{pid}-src"),
-            dst_ns: format!("psb-{pid}-dst"),
+            src_ns: format!("psb-{pid}-{n}-src"),
+            dst_ns: format!("psb-{pid}-{n}-dst"),
+            src_if: format!("psb{pid}-{n}s"),
+            dst_if: format!("psb{pid}-{n}d"),
             src_addr: Ipv4Addr::new(10, 251, subnet, 1),
             dst_addr: Ipv4Addr::new(10, 251, subnet, 2),
         };
         // From here on, Drop removes whatever was created, even if a step below fails.
-        let (src_if, dst_if) = (format!("psb{pid}s"), format!("psb{pid}d"));
         let (s, d) = (&pair.src_ns, &pair.dst_ns);
+        let (src_if, dst_if) = (&pair.src_if, &pair.dst_if);
         let (src_addr, dst_addr) = (pair.src_addr, pair.dst_addr);
         let tbf = format!("root tbf rate {rate} burst {burst_bytes}b latency 10ms");
         // Every argument is free of whitespace (names generated above, a checked rate), so each
@@ -111,6 +120,19 @@ impl LinkPair {
         Ok(pair)
     }
 
+    /// Drops every packet both ways from now on, and tells neither end (no reset, no
+    /// unreachable): a network partition, as a pulled cable or a dropping firewall makes one.
+    /// Each end's shaper becomes a token bucket smaller than any packet, which TBF drops.
+    pub fn partition(&self) -> Result<(), String> {
+        for (ns, iface) in [(&self.src_ns, &self.src_if), (&self.dst_ns, &self.dst_if)] {
+            run(&[
+                "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
+                "rate", "1gbit", "burst", "1", "latency", "1ms",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Name of the source namespace.
     pub fn src_ns(&self) -> &str {
         &self.src_ns
@@ -124,10 +146,12 @@ impl LinkPair {
     /// Bytes the source end has transmitted so far (everything that crossed the link towards the
     /// destination, headers included).
     pub fn src_tx_bytes(&self) -> Result<u64, String> {
-        let iface = format!("psb{}s", std::process::id());
         let out = Command::new("ip")
             .args(["netns", "exec", &self.src_ns, "cat"])
-            .arg(format!("/sys/class/net/{iface}/statistics/tx_bytes"))
+            .arg(format!(
+                "/sys/class/net/{}/statistics/tx_bytes",
+                self.src_if
+            ))
             .output()
             .map_err(|e| format!("cannot read link counters: {e}"))?;
         String::from_utf8_lossy(&out.stdout)

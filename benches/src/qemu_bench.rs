@@ -411,6 +411,7 @@ fn run_method(
                         // The bench's VMs run without -uuid: QEMU's default.
                         uuid: [0; 16],
                     }),
+                    link_timeout: pagestream_qemu_shim::link::DEFAULT_LINK_TIMEOUT,
                     once: true,
                     log: quiet2,
                 })
@@ -431,6 +432,7 @@ fn run_method(
                         Mode::Auto
                     },
                     channels: pagestream_transport::default_channels(),
+                    link_timeout: pagestream_qemu_shim::link::DEFAULT_LINK_TIMEOUT,
                     once: true,
                     log: quiet,
                 })

@@ -33,6 +33,8 @@
 //! MACs are compared in constant time.
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -65,6 +67,77 @@ pub enum Compression {
 
 /// Chunks per decision of [`Compression::Auto`].
 const CHOICE_WINDOW: u32 = 16;
+
+/// How long the other shim may stay unreachable before a link to it is given up (the default of
+/// `--link-timeout`).
+pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sets an integer socket option.
+pub(crate) fn set_socket_option(
+    stream: &TcpStream,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the descriptor is the open socket `stream` borrows; the option value is a c_int
+    // that lives across the call, and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes the kernel give up a link whose other end stops answering, after about `timeout`,
+/// so that a silent network partition (no reset ever arrives) fails the migration instead of
+/// leaving both shims and both QEMUs waiting for ever.
+///
+/// Two kernel mechanisms cover the two ways a link can be waiting. Bytes sent and not
+/// acknowledged for `timeout` end the connection (`TCP_USER_TIMEOUT`): the sending side of a
+/// busy link. A link with nothing to send (the return path most of a migration, the
+/// destination's side of every stream) is probed once it was silent for a third of `timeout`,
+/// then every sixth (`SO_KEEPALIVE`), and the user timeout also bounds those probes: it ends
+/// once nothing came back for `timeout`. A peer that is alive but slow still acknowledges, and
+/// answers probes even with its receive window closed, so it is never mistaken for a gone one.
+pub fn watch_liveness(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    set_socket_option(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_socket_option(
+        stream,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        secs(timeout / 3),
+    )?;
+    set_socket_option(
+        stream,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        secs(timeout / 6),
+    )?;
+    set_socket_option(stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, millis)
+}
+
+/// What an error on a link to the other shim means, in words: a link that [`watch_liveness`]
+/// gave up says so, rather than the bare "connection timed out".
+pub fn link_error(e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        "the other shim stopped answering (nothing acknowledged or answered within \
+         --link-timeout): the network between the hosts, or the other host, is down"
+            .into()
+    } else {
+        e.to_string()
+    }
+}
 
 /// Which QEMU connection a link carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -91,8 +91,11 @@ const SEND_BUFFER: usize = 256 << 10;
 /// How long a destination QEMU with multifd may take to start reading its main channel once
 /// the shim opened all its channels.
 const QEMU_START_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes and connections give up after this long.
-const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a writer of the destination returns when the session ended before its stream did: the
+/// echo of a failure reported elsewhere.
+const SESSION_ENDED_EARLY: &str = "the session ended early";
+/// How long a link of the destination waits for the main channel's connection to its QEMU.
+const QEMU_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 const _: () = assert!(TARGET_PAGE_SIZE == PAGE_SIZE);
 const _: () = assert!(READ_CHUNK >= stream::MAX_ITEM);
@@ -109,38 +112,25 @@ pub(crate) enum SourceOutcome {
 /// Sets a socket's send buffer to `bytes` (the kernel doubles it for its bookkeeping) instead
 /// of letting it grow to several MiB.
 fn limit_send_buffer(stream: &TcpStream, bytes: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let value = libc::c_int::try_from(bytes).map_err(io::Error::other)?;
-    // SAFETY: the descriptor is the open socket `stream` borrows; the option value is a c_int
-    // that lives across the call, and the length passed is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&value as *const libc::c_int).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    link::set_socket_option(stream, libc::SOL_SOCKET, libc::SO_SNDBUF, value)
 }
 
-/// Runs the shims' keyed handshake on a new connection of a parsing-mode session.
+/// Runs the shims' keyed handshake on a new connection of a parsing-mode session; the
+/// connection is given up once the other shim stops answering for `timeout`.
 fn authenticate(
     stream: &mut TcpStream,
     key: Option<&Key>,
     session: [u8; 16],
     kind: StreamKind,
+    timeout: Duration,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     if kind == StreamKind::Pages {
         limit_send_buffer(stream, SEND_BUFFER)?;
     }
-    stream.set_read_timeout(Some(LINK_TIMEOUT))?;
+    link::watch_liveness(stream, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
     link::connect_handshake(stream, key, LinkHeader { session, kind })
         .map_err(|e| io::Error::other(e.to_string()))?;
     stream.set_read_timeout(None)
@@ -388,9 +378,9 @@ pub(crate) fn source_main(
 
     let layout = MemoryLayout::new(blocks.iter().map(RamBlock::pages).collect())
         .map_err(|e| format!("the RAM blocks do not fit a page layout: {e}"))?;
-    let (key, id) = (config.key.clone(), session.id);
+    let (key, id, timeout) = (config.key.clone(), session.id, config.link_timeout);
     let setup: StreamSetup =
-        Arc::new(move |stream| authenticate(stream, key.as_ref(), id, StreamKind::Pages));
+        Arc::new(move |stream| authenticate(stream, key.as_ref(), id, StreamKind::Pages, timeout));
     let backend = TcpBackend::detect(&config.log);
     let connector = TcpConnector::new(to, backend, Duration::from_secs(10)).with_setup(setup);
     let sender = Sender::connect(
@@ -401,11 +391,14 @@ pub(crate) fn source_main(
             log: config.log.clone(),
             inflight_bytes: INFLIGHT_BYTES,
             frame_bytes: FRAME_BYTES,
+            timeout: config.link_timeout,
             ..SenderConfig::default()
         },
     )
     .map_err(|e| format!("cannot open the page transport: {}", full_message(&e)))?;
     let channels = sender.channels();
+    // Said now, so that a migration that fails midway reports the mode it ran in.
+    *session.mode.lock().expect("not poisoned") = Some(mode_text(channels, sender.backend(), None));
     let back = source_return_path(&qemu, session, config, to)?;
     {
         let q = qemu.try_clone().map_err(|e| e.to_string())?;
@@ -503,6 +496,7 @@ fn source_return_path(
         config.key.as_ref(),
         session.id,
         StreamKind::ReturnPath,
+        config.link_timeout,
     )
     .map_err(|e| format!("return path: {e}"))?;
     {
@@ -528,7 +522,7 @@ fn source_return_path(
                 Ok(())
             }
             Err(e) => {
-                let why = format!("return path from the other shim: {e}");
+                let why = format!("return path from the other shim: {}", link::link_error(&e));
                 session.fail(why.clone());
                 Err(why)
             }
@@ -886,7 +880,7 @@ impl Rebuild<'_> {
                 }
                 // Every batch queued its last packet already (`write_buckets`).
                 WriterWork::Done => return self.flush(),
-                WriterWork::Stop => return Err("the session ended early".into()),
+                WriterWork::Stop => return Err(SESSION_ENDED_EARLY.into()),
             }
         }
     }
@@ -960,7 +954,7 @@ impl Rebuild<'_> {
                 }
                 Ok(_) => {
                     if self.session.failed().is_some() {
-                        return Err("the session ended early".into());
+                        return Err(SESSION_ENDED_EARLY.into());
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -1073,6 +1067,7 @@ pub(crate) fn destination_main(
     let staging = Arc::new(Staging::default());
     let receiver_config = ReceiverConfig {
         log: config.log.clone(),
+        timeout: config.link_timeout,
         on_end: Some({
             let staging = staging.clone();
             Arc::new(move || staging.release_channels())
@@ -1157,7 +1152,11 @@ pub(crate) fn destination_main(
             .name("ps-rebuild".into())
             .spawn_scoped(scope, || {
                 let result = rebuild.run();
-                if let Err(e) = &result {
+                // A writer stopped because the session ended early only echoes the failure
+                // that ended it, which is reported where it happened.
+                if let Err(e) = &result
+                    && e != SESSION_ENDED_EARLY
+                {
                     // Shut everything down: the source must hear of it and fail its QEMU's
                     // migration rather than finish it into a broken destination.
                     session.fail(format!("rebuilding the stream: {e}"));
@@ -1222,7 +1221,7 @@ pub(crate) fn destination_main(
     });
     // The writer's error explains a transport failure it caused; otherwise the transport's.
     let summary = match (result, rebuilt) {
-        (_, Err(e)) if !e.starts_with("the session ended early") => return Err(e),
+        (_, Err(e)) if e != SESSION_ENDED_EARLY => return Err(e),
         (Err(e), _) => return Err(format!("the page transport: {}", full_message(&e))),
         (Ok(None), Err(e)) | (Ok(Some(_)), Err(e)) => return Err(e),
         (Ok(None), Ok(())) => return Err("the session did not run".into()),
@@ -1262,7 +1261,7 @@ pub(crate) fn destination_return_path(
                 let _ = l.shutdown(Shutdown::Both);
             }));
         }
-        session.wait_main_ready(LINK_TIMEOUT)?;
+        session.wait_main_ready(QEMU_READY_TIMEOUT)?;
         let mut qemu = session
             .qemu_main
             .lock()
@@ -1282,12 +1281,12 @@ pub(crate) fn destination_return_path(
             raw.fetch_add(r, Ordering::Relaxed);
             wire.fetch_add(w, Ordering::Relaxed);
         })
-        .map_err(|e| format!("to the other shim: {e}"))?;
+        .map_err(|e| format!("to the other shim: {}", link::link_error(&e)))?;
         let _ = link_out.shutdown(Shutdown::Write);
         drain
             .join()
             .map_err(|_| "the return-path thread panicked".to_string())?
-            .map_err(|e| format!("from the other shim: {e}"))?;
+            .map_err(|e| format!("from the other shim: {}", link::link_error(&e)))?;
         Ok(())
     })();
     session.closed(false);

@@ -497,7 +497,7 @@ fn relay(
             .map_err(|e| {
                 // Fail the session now: the other direction may be blocked reading a QEMU that
                 // will never send again, and must be woken.
-                let why = format!("from the other shim: {e}");
+                let why = format!("from the other shim: {}", link::link_error(&e));
                 session.fail(why.clone());
                 why
             })?;
@@ -519,7 +519,7 @@ fn relay(
         },
     )
     .map_err(|e| {
-        let why = format!("to the other shim: {e}");
+        let why = format!("to the other shim: {}", link::link_error(&e));
         session.fail(why.clone());
         why
     });
@@ -546,6 +546,9 @@ pub struct SourceConfig {
     pub mode: Mode,
     /// Data channels of parsing mode's page transport.
     pub channels: u16,
+    /// How long the destination shim may stay unreachable before the migration fails
+    /// ([`link::watch_liveness`]; default [`link::DEFAULT_LINK_TIMEOUT`]).
+    pub link_timeout: Duration,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -728,7 +731,8 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                 let mut link = TcpStream::connect_timeout(&to, Duration::from_secs(10))
                     .map_err(|e| format!("cannot reach the destination shim {to}: {e}"))?;
                 link.set_nodelay(true).map_err(|e| e.to_string())?;
-                link.set_read_timeout(Some(Duration::from_secs(30)))
+                link::watch_liveness(&link, config.link_timeout).map_err(|e| e.to_string())?;
+                link.set_read_timeout(Some(config.link_timeout))
                     .map_err(|e| e.to_string())?;
                 link::connect_handshake(
                     &mut link,
@@ -825,6 +829,9 @@ pub struct DestinationConfig {
     pub compression: Compression,
     /// The destination QEMU loads pages over its own multifd channels (parsing mode only).
     pub qemu_multifd: Option<QemuMultifd>,
+    /// How long the source shim may stay unreachable before the migration fails
+    /// ([`link::watch_liveness`]; default [`link::DEFAULT_LINK_TIMEOUT`]).
+    pub link_timeout: Duration,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -898,7 +905,13 @@ pub fn run_destination_on(
             let peer = link.peer_addr().ok();
             let trusted =
                 config.allow_remote_without_key || peer.is_some_and(|p| p.ip().is_loopback());
-            let _ = link.set_read_timeout(Some(Duration::from_secs(30)));
+            if let Err(e) = link::watch_liveness(&link, config.link_timeout) {
+                (config.log)(&format!(
+                    "destination shim: cannot watch a link's liveness: {e}"
+                ));
+                return;
+            }
+            let _ = link.set_read_timeout(Some(config.link_timeout));
             let header = match link::accept_handshake(&mut link, config.key.as_ref(), trusted) {
                 Ok(h) => h,
                 Err(e) => {
