@@ -89,12 +89,29 @@ fn shims(dir: &Path, port: u16, send_args: &[&str], recv_args: &[&str]) -> (Proc
     let mut args = vec!["send", "--listen", &listen, "--to", &to, "--once"];
     args.extend_from_slice(send_args);
     let send = shim(&args, &dir.join("send.log"));
-    // The source shim's socket exists once it listens.
+    wait_listening(&dir.join("src.sock"));
+    (recv, send)
+}
+
+/// Waits (a while) for the source shim to listen: its socket exists once it does.
+fn wait_listening(sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !dir.join("src.sock").exists() && Instant::now() < deadline {
+    while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    (recv, send)
+}
+
+/// Starts the source VM, waits for its workload, and migrates it into the source shim at
+/// `src_sock`, with QEMU's bandwidth limit out of the way.
+fn start_migrating(guest: &Guest, dir: &Path, src_sock: &Path) -> QemuVm {
+    let mut src = vm(guest, dir, "src", None, 2000);
+    src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
+        .unwrap();
+    src.parameters(json!({"max-bandwidth": 1u64 << 40}))
+        .unwrap();
+    src.migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    src
 }
 
 fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate: u32) -> QemuVm {
@@ -650,17 +667,8 @@ fn partition_mid_migration(name: &str, send_args: &[&str]) {
     ]
     .concat();
     let mut send = shim_in(pair.src_ns(), &send_args, &dir.join("send.log"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !src_sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut src = vm(&guest, &dir, "src", None, 2000);
-    src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
-        .unwrap();
-    src.parameters(json!({"max-bandwidth": 1u64 << 40}))
-        .unwrap();
-    src.migrate(&format!("unix:{}", src_sock.display()))
-        .unwrap();
+    wait_listening(&src_sock);
+    let mut src = start_migrating(&guest, &dir, &src_sock);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let info = src.qmp.execute("query-migrate", json!({})).unwrap();
@@ -745,13 +753,7 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
     )
     .expect("QEMU starts");
     let (mut recv, mut send) = shims(&dir, port, &[], &[]);
-    let mut src = vm(&guest, &dir, "src", None, 2000);
-    src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
-        .unwrap();
-    src.parameters(json!({"max-bandwidth": 1u64 << 40}))
-        .unwrap();
-    src.migrate(&format!("unix:{}", src_sock.display()))
-        .unwrap();
+    let mut src = start_migrating(&guest, &dir, &src_sock);
     let info = src
         .wait_migration(Duration::from_secs(60))
         .expect("no hang on the source");
