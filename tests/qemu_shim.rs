@@ -633,11 +633,22 @@ fn shim_in(ns: &str, args: &[&str], log: &Path) -> Proc {
     )
 }
 
-/// Cuts the link between the shims mid-migration, silently (every packet dropped, no reset
-/// to either end): both shims must give it up after `--link-timeout`, the source QEMU report
-/// a failed migration and run on, the destination QEMU stop waiting. Without the kernel's
-/// liveness checks on the shims' sockets, both sides would wait for ever.
-fn partition_mid_migration(name: &str, send_args: &[&str]) {
+/// What goes silent mid-migration.
+#[derive(Clone, Copy, PartialEq)]
+enum Silence {
+    /// The link: every packet dropped, no reset to either end.
+    Link,
+    /// The destination shim: stopped (SIGSTOP), its kernel still acknowledging until its
+    /// receive buffers are full, and answering probes with its window closed.
+    DestinationShim,
+}
+
+/// Makes the link or the destination shim go silent mid-migration: the source shim must give
+/// up after `--link-timeout`, the source QEMU report a failed migration and run on; the
+/// destination shim (resumed, if it was stopped) must fail too, and the destination QEMU stop
+/// waiting. Without the kernel's liveness checks on the shims' sockets, both sides would wait
+/// for ever.
+fn silence_mid_migration(name: &str, send_args: &[&str], silence: Silence) {
     const LINK_TIMEOUT_S: u64 = 5;
     let pair = LinkPair::create("20mbit", 64 << 10).expect("two network namespaces (root)");
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
@@ -685,10 +696,23 @@ fn partition_mid_migration(name: &str, send_args: &[&str]) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    pair.partition().unwrap();
+    let signal = |p: &Proc, sig: &str| {
+        let sent = Command::new("kill")
+            .args([sig, &p.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {sig} failed");
+    };
+    match silence {
+        Silence::Link => pair.partition().unwrap(),
+        Silence::DestinationShim => signal(&recv, "-STOP"),
+    }
     let info = src
         .wait_migration(Duration::from_secs(60))
         .expect("no hang on the source");
+    if silence == Silence::DestinationShim {
+        signal(&recv, "-CONT");
+    }
     assert_eq!(info["status"], "failed", "{info}");
     assert_eq!(
         src.status().unwrap(),
@@ -720,12 +744,21 @@ fn partition_mid_migration(name: &str, send_args: &[&str]) {
 
 #[test]
 fn a_network_partition_fails_the_migration_and_the_source_runs_on() {
-    partition_mid_migration("partition", &[]);
+    silence_mid_migration("partition", &[], Silence::Link);
 }
 
 #[test]
 fn a_network_partition_in_opaque_mode_fails_the_migration_too() {
-    partition_mid_migration("partition-opaque", &["--mode", "opaque"]);
+    silence_mid_migration("partition-opaque", &["--mode", "opaque"], Silence::Link);
+}
+
+#[test]
+fn a_stopped_destination_shim_in_opaque_mode_fails_the_migration_too() {
+    silence_mid_migration(
+        "stopped-opaque",
+        &["--mode", "opaque"],
+        Silence::DestinationShim,
+    );
 }
 
 /// A destination QEMU that refuses the stream (its RAM is not the source's size): the migration

@@ -106,8 +106,10 @@ pub(crate) fn set_socket_option(
 /// busy link. A link with nothing to send (the return path most of a migration, the
 /// destination's side of every stream) is probed once it was silent for a third of `timeout`,
 /// then every sixth (`SO_KEEPALIVE`), and the user timeout also bounds those probes: it ends
-/// once nothing came back for `timeout`. A peer that is alive but slow still acknowledges, and
-/// answers probes even with its receive window closed, so it is never mistaken for a gone one.
+/// once nothing came back for `timeout`. The user timeout bounds the probing of a closed
+/// receive window as well: a peer whose kernel still answers but whose process stopped reading
+/// for all of `timeout` (stopped, hung) is given up too. A peer that is slow but reading keeps
+/// acknowledging and reopening its window, and is never mistaken for a gone one.
 pub fn watch_liveness(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
     let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
     let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
