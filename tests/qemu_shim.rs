@@ -161,6 +161,8 @@ struct Setup {
     dst: QemuVm,
     recv: Proc,
     send: Proc,
+    /// Where the destination shim listens.
+    port: u16,
 }
 
 /// Two VMs and two shims, ready to migrate; `caps` set on both VMs.
@@ -242,6 +244,7 @@ fn setup_sides(
         dst,
         recv,
         send,
+        port,
     }
 }
 
@@ -263,6 +266,11 @@ fn migrate_and_verify(mut s: Setup, send_says: &[&str], recv_says: &[&str]) {
     s.src
         .migrate(&format!("unix:{}", src_sock.display()))
         .unwrap();
+    verify_migration(s, send_says, recv_says);
+}
+
+/// The checks of [`migrate_and_verify`], for a migration already under way.
+fn verify_migration(mut s: Setup, send_says: &[&str], recv_says: &[&str]) {
     let info = s.src.wait_migration(Duration::from_secs(180)).unwrap();
     assert_eq!(
         info["status"],
@@ -335,6 +343,87 @@ fn migrates_through_the_shim_with_identical_memory() {
     let s = setup("plain", &[], json!({}));
     let says = &[PARSING, "1 QEMU connection(s)", "pages: "];
     migrate_and_verify(s, says, says);
+}
+
+/// Which shim a second migration meets busy with a first.
+enum Busy {
+    /// The same source shim.
+    Source,
+    /// Another source shim, sending to the same destination shim.
+    Destination,
+}
+
+/// A second VM migrating while a first one is carried: refused by the busy shim (its migration
+/// fails at once and it runs on), while the first migration completes with identical memory:
+/// nothing of the second VM reaches the first one's destination.
+fn second_migration_meets_a_busy_shim(name: &str, busy: Busy) {
+    let mut s = setup(name, &[], json!({}));
+    let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
+    let dir = s.scratch.0.clone();
+    let src_sock = dir.join("src.sock");
+    // The second VM's source shim: the same one, or one of its own for the same destination.
+    let (other_sock, _other_shim, other_log) = match busy {
+        Busy::Source => (src_sock.clone(), None, "send.log"),
+        Busy::Destination => {
+            let sock = dir.join("src2.sock");
+            let (listen, to) = (
+                format!("unix:{}", sock.display()),
+                format!("127.0.0.1:{}", s.port),
+            );
+            let args = ["send", "--listen", &listen, "--to", &to, "--once"];
+            let shim = shim(&args, &dir.join("send2.log"));
+            wait_listening(&sock);
+            (sock, Some(shim), "send2.log")
+        }
+    };
+    let mut other = vm(&guest, &dir, "other", None, 2000);
+    other
+        .wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
+        .unwrap();
+    // The first migration held back by QEMU's own limit, so that the second comes while it runs.
+    s.src
+        .parameters(json!({"max-bandwidth": 16u64 << 20}))
+        .unwrap();
+    s.src
+        .migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.src.qmp.execute("query-migrate", json!({})).unwrap()["ram"]["transferred"]
+        .as_u64()
+        .unwrap_or(0)
+        < 2 << 20
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first migration does not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    other
+        .migrate(&format!("unix:{}", other_sock.display()))
+        .unwrap();
+    let info = other
+        .wait_migration(Duration::from_secs(30))
+        .expect("no hang for the refused VM");
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(other.status().unwrap(), "running");
+    let said = read_log(&dir, other_log);
+    assert!(said.contains("one migration at a time"), "{said}");
+    s.src
+        .parameters(json!({"max-bandwidth": 1u64 << 40}))
+        .unwrap();
+    let says = &[PARSING, "1 QEMU connection(s)"];
+    verify_migration(s, says, says);
+}
+
+#[test]
+fn a_second_migration_into_a_busy_source_shim_is_refused() {
+    second_migration_meets_a_busy_shim("busy-src", Busy::Source);
+}
+
+#[test]
+fn a_second_migration_into_a_busy_destination_shim_is_refused() {
+    second_migration_meets_a_busy_shim("busy-dst", Busy::Destination);
 }
 
 #[test]

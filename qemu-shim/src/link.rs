@@ -327,12 +327,15 @@ pub fn connect_handshake(
 }
 
 /// The destination side of the handshake; `peer_is_trusted` says whether an unauthenticated peer
-/// may connect (loopback, or explicitly allowed).
-pub fn accept_handshake(
+/// may connect (loopback, or explicitly allowed). Once the peer is authenticated and has said
+/// what the connection carries, `admit` decides whether this shim takes it: its refusal (a
+/// reason) goes back to the source shim, which reports it.
+pub fn accept_handshake<T>(
     stream: &mut (impl Read + Write),
     key: Option<&Key>,
     peer_is_trusted: bool,
-) -> Result<LinkHeader, LinkError> {
+    admit: impl FnOnce(&LinkHeader) -> Result<T, String>,
+) -> Result<(LinkHeader, T), LinkError> {
     let magic: [u8; 4] = read_array(stream)?;
     if magic != LINK_MAGIC {
         return Err(LinkError::Protocol(format!(
@@ -399,9 +402,17 @@ pub fn accept_handshake(
             )));
         }
     };
+    let header = LinkHeader { session, kind };
+    let admitted = match admit(&header) {
+        Ok(admitted) => admitted,
+        Err(reason) => {
+            refuse(stream, &reason)?;
+            return Err(LinkError::Refused(reason));
+        }
+    };
     stream.write_all(&[0])?;
     stream.flush()?;
-    Ok(LinkHeader { session, kind })
+    Ok((header, admitted))
 }
 
 /// Bytes moved in one direction.
@@ -701,7 +712,9 @@ mod tests {
             session: [7; 16],
             kind: StreamKind::Multifd(3),
         };
-        let dst = std::thread::spawn(move || accept_handshake(&mut b, dst_key.as_ref(), trusted));
+        let dst = std::thread::spawn(move || {
+            accept_handshake(&mut b, dst_key.as_ref(), trusted, |_| Ok(())).map(|(h, ())| h)
+        });
         let src = connect_handshake(&mut a, src_key.as_ref(), header);
         // A source that gives up closes its end, which ends the destination's wait too.
         drop(a);
@@ -726,6 +739,26 @@ mod tests {
         assert!(src.unwrap_err().to_string().contains("only loopback peers"));
         let (src, dst) = handshake(None, None, true);
         assert!(src.is_ok() && dst.is_ok());
+    }
+
+    #[test]
+    fn a_connection_the_destination_does_not_admit_is_refused_with_its_reason() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let dst = std::thread::spawn(move || {
+            accept_handshake(&mut b, None, true, |h| -> Result<(), String> {
+                Err(format!("busy with another migration than {:?}", h.kind))
+            })
+        });
+        let header = LinkHeader {
+            session: [7; 16],
+            kind: StreamKind::Main,
+        };
+        let err = connect_handshake(&mut a, None, header).unwrap_err();
+        assert!(
+            matches!(&err, LinkError::Refused(why) if why == "busy with another migration than Main"),
+            "{err}"
+        );
+        assert!(matches!(dst.join().unwrap(), Err(LinkError::Refused(_))));
     }
 
     #[test]

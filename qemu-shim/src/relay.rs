@@ -106,6 +106,29 @@ impl Conn {
         }
     }
 
+    /// The process at the other end of a unix socket (`SO_PEERCRED`); `None` over TCP.
+    fn peer_pid(&self) -> Option<u32> {
+        use std::os::fd::AsRawFd;
+        let Conn::Unix(s) = self else {
+            return None;
+        };
+        // SAFETY: ucred is plain old data; all zeroes is a valid value.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: the descriptor is the open socket `s` borrows; the kernel writes at most `len`
+        // bytes into `cred`, which lives across the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast::<libc::c_void>(),
+                &mut len,
+            )
+        };
+        (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+    }
+
     /// Bytes written that the peer has not read yet (SIOCOUTQ). On a unix socket that is
     /// exactly what QEMU has not read; over TCP, what its host has not acknowledged.
     pub(crate) fn unread(&self) -> io::Result<usize> {
@@ -270,6 +293,48 @@ pub(crate) struct Session {
     pub(crate) pages_tx: Mutex<Option<crossbeam_channel::Sender<TcpStream>>>,
     /// Destination, parsing mode: the main QEMU connection, for the return path.
     pub(crate) qemu_main: Mutex<Option<Conn>>,
+    /// Source: the QEMU connections taken so far.
+    members: Mutex<Members>,
+}
+
+/// The QEMU connections a source session took: whose they are, and which. A source shim
+/// carries one migration at a time, and a connection of another QEMU must not join it: its
+/// pages would reach the wrong VM.
+#[derive(Debug, Default)]
+struct Members {
+    /// The QEMU process they come from, where the socket says so (unix sockets).
+    pid: Option<u32>,
+    main: bool,
+    multifd: std::collections::BTreeSet<u8>,
+}
+
+impl Members {
+    /// Takes a connection of `kind` from process `pid` (if known), or says why it cannot be
+    /// part of this migration. Over TCP, where the process is unknown, a second main channel or
+    /// a second multifd channel with the same id still shows another QEMU.
+    fn admit(&mut self, kind: StreamKind, pid: Option<u32>) -> Result<(), String> {
+        if let (Some(ours), Some(theirs)) = (self.pid, pid)
+            && ours != theirs
+        {
+            return Err(format!(
+                "it comes from QEMU process {theirs}, and QEMU process {ours} is migrating"
+            ));
+        }
+        match kind {
+            StreamKind::Main if self.main => {
+                return Err("a second main channel: another QEMU is migrating".into());
+            }
+            StreamKind::Main => self.main = true,
+            StreamKind::Multifd(id) if !self.multifd.insert(id) => {
+                return Err(format!(
+                    "a second multifd channel {id}: another QEMU is migrating"
+                ));
+            }
+            _ => {}
+        }
+        self.pid = self.pid.or(pid);
+        Ok(())
+    }
 }
 
 impl Session {
@@ -294,6 +359,7 @@ impl Session {
             pages: Mutex::new(None),
             pages_tx: Mutex::new(None),
             qemu_main: Mutex::new(None),
+            members: Mutex::new(Members::default()),
         })
     }
 
@@ -688,13 +754,29 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             };
             // A migration's connections arrive together, in no fixed order (QEMU 7.2 opens its
             // multifd channels before the main channel sends anything): the first one opens the
-            // session, the others join it until it is over.
+            // session, the others join it until it is over. One migration at a time: a
+            // connection that cannot be this migration's is closed, which fails its QEMU's
+            // migration at once.
+            let pid = conn.peer_pid();
             let session = {
                 let mut current = current.lock().expect("not poisoned");
                 match current.as_ref() {
-                    Some(s) if !s.main_done.load(Ordering::SeqCst) => s.clone(),
+                    Some(s) if !s.main_done.load(Ordering::SeqCst) && s.failed().is_none() => {
+                        let admitted = s.members.lock().expect("not poisoned").admit(kind, pid);
+                        if let Err(why) = admitted {
+                            (config.log)(&format!(
+                                "source shim: refused a connection: {why}; a shim pair carries \
+                                 one migration at a time (migrate the VMs one after another, or \
+                                 through another shim pair on another socket and port)"
+                            ));
+                            return;
+                        }
+                        s.clone()
+                    }
                     _ => {
                         let s = Session::new(random_id());
+                        let admitted = s.members.lock().expect("not poisoned").admit(kind, pid);
+                        debug_assert!(admitted.is_ok(), "a new session takes any connection");
                         *current = Some(s.clone());
                         progress(s.clone(), "source", config.log.clone());
                         s
@@ -912,30 +994,45 @@ pub fn run_destination_on(
                 return;
             }
             let _ = link.set_read_timeout(Some(config.link_timeout));
-            let header = match link::accept_handshake(&mut link, config.key.as_ref(), trusted) {
-                Ok(h) => h,
-                Err(e) => {
-                    (config.log)(&format!(
-                        "destination shim: refused {}: {e}",
-                        peer.map_or("a peer".into(), |p| p.to_string())
-                    ));
-                    return;
-                }
-            };
-            let _ = link.set_read_timeout(None);
-            let main = matches!(header.kind, StreamKind::Main | StreamKind::Pages);
-            let session = {
+            // One migration at a time: this shim feeds one QEMU, which takes one incoming
+            // migration. A connection of another session while one is under way is refused
+            // (the other source shim says why), rather than fed to the same QEMU.
+            let admit = |header: &LinkHeader| {
                 let mut all = sessions.lock().expect("not poisoned");
                 all.retain(|s| !s.main_done.load(Ordering::SeqCst));
-                match all.iter().find(|s| s.id == header.session) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let s = Session::new(header.session);
-                        all.push(s.clone());
-                        s
-                    }
+                if let Some(s) = all.iter().find(|s| s.id == header.session) {
+                    return Ok(s.clone());
                 }
+                // A failed session is being torn down; it holds nothing up.
+                if let Some(busy) = all.iter().find(|s| s.failed().is_none()) {
+                    return Err(format!(
+                        "the destination shim is feeding migration {} to its QEMU ({}) and takes \
+                         one migration at a time",
+                        busy.hex(),
+                        config.qemu
+                    ));
+                }
+                let s = Session::new(header.session);
+                all.push(s.clone());
+                Ok(s)
             };
+            let (header, session) =
+                match link::accept_handshake(&mut link, config.key.as_ref(), trusted, admit) {
+                    Ok(admitted) => admitted,
+                    Err(e) => {
+                        let why = match e {
+                            link::LinkError::Refused(reason) => reason,
+                            other => other.to_string(),
+                        };
+                        (config.log)(&format!(
+                            "destination shim: refused {}: {why}",
+                            peer.map_or("a peer".into(), |p| p.to_string())
+                        ));
+                        return;
+                    }
+                };
+            let _ = link.set_read_timeout(None);
+            let main = matches!(header.kind, StreamKind::Main | StreamKind::Pages);
             match header.kind {
                 StreamKind::Pages => {
                     if session.failed().is_some() {
@@ -1036,6 +1133,33 @@ pub fn run_destination_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_migration_takes_only_its_own_qemus_connections() {
+        // Over a unix socket the process tells.
+        let mut m = Members::default();
+        m.admit(StreamKind::Multifd(0), Some(10)).unwrap();
+        m.admit(StreamKind::Main, Some(10)).unwrap();
+        m.admit(StreamKind::Multifd(1), Some(10)).unwrap();
+        let err = m.admit(StreamKind::Main, Some(11)).unwrap_err();
+        assert!(
+            err.contains("QEMU process 11") && err.contains("process 10"),
+            "{err}"
+        );
+        assert!(m.admit(StreamKind::Multifd(2), Some(11)).is_err());
+        // Over TCP the process is unknown: a repeated channel still shows another QEMU.
+        let mut m = Members::default();
+        m.admit(StreamKind::Main, None).unwrap();
+        m.admit(StreamKind::Multifd(0), None).unwrap();
+        assert!(
+            m.admit(StreamKind::Main, None)
+                .unwrap_err()
+                .contains("second main channel")
+        );
+        let err = m.admit(StreamKind::Multifd(0), None).unwrap_err();
+        assert!(err.contains("second multifd channel 0"), "{err}");
+        m.admit(StreamKind::Multifd(1), None).unwrap();
+    }
 
     #[test]
     fn endpoints_are_checked_when_parsed() {
