@@ -7,7 +7,8 @@ use clap::{Args, Subcommand};
 use pagestream_qemu_shim::link::{Compression, Key};
 use pagestream_qemu_shim::multifd::QemuMultifd;
 use pagestream_qemu_shim::relay::{
-    DestinationConfig, Endpoint, Mode, SourceConfig, run_destination, run_source,
+    DestinationConfig, Endpoint, Mode, SourceConfig, Summary, SummarySink, run_destination,
+    run_source,
 };
 use pagestream_transport::net::stderr_log;
 
@@ -45,6 +46,9 @@ pub struct SendArgs {
     /// before the migration fails and QEMU is told (1 to 3600).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     link_timeout: u64,
+    /// Also append each migration's summary to PATH, as one line of JSON (for programs).
+    #[arg(long, value_name = "PATH")]
+    summary_json: Option<PathBuf>,
     /// Exit after one migration.
     #[arg(long)]
     once: bool,
@@ -80,6 +84,9 @@ pub struct RecvArgs {
     /// destination QEMU's connection is closed (1 to 3600).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     link_timeout: u64,
+    /// Also append each migration's summary to PATH, as one line of JSON (for programs).
+    #[arg(long, value_name = "PATH")]
+    summary_json: Option<PathBuf>,
     /// Exit after one migration.
     #[arg(long)]
     once: bool,
@@ -99,6 +106,34 @@ fn key(path: &Option<PathBuf>) -> Result<Option<Key>> {
         .map(Key::from_file)
         .transpose()
         .map_err(anyhow::Error::msg)
+}
+
+/// Appends each summary to `path` as a line of JSON. The file is opened now, so that a path
+/// that cannot be written fails at start-up rather than after a migration.
+fn summary_sink(path: Option<&std::path::Path>) -> Result<Option<SummarySink>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open --summary-json {}", path.display()))?;
+    let file = std::sync::Mutex::new(file);
+    let path = path.to_path_buf();
+    Ok(Some(std::sync::Arc::new(
+        move |side: &str, summary: &Summary| {
+            use std::io::Write;
+            let line = format!("{}\n", summary.to_json(side));
+            let mut file = file.lock().expect("not poisoned");
+            if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.flush()) {
+                eprintln!(
+                    "pagestream: cannot write the summary to {}: {e}",
+                    path.display()
+                );
+            }
+        },
+    )))
 }
 
 fn link_timeout(secs: u64) -> Result<std::time::Duration> {
@@ -128,6 +163,7 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                     None => pagestream_transport::default_channels(),
                 },
                 link_timeout: link_timeout(args.link_timeout)?,
+                on_summary: summary_sink(args.summary_json.as_deref())?,
                 once: args.once,
                 log: stderr_log(),
             })
@@ -154,6 +190,7 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                     }),
                 },
                 link_timeout: link_timeout(args.link_timeout)?,
+                on_summary: summary_sink(args.summary_json.as_deref())?,
                 once: args.once,
                 log: stderr_log(),
             })

@@ -145,7 +145,20 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
+        (
+            &[
+                "shim",
+                "send",
+                "--listen",
+                "unix:/tmp/x.sock",
+                "--to",
+                "127.0.0.1:1",
+                "--summary-json",
+                "/nonexistent/dir/s.json",
+            ],
+            "cannot open --summary-json /nonexistent/dir/s.json",
+        ),
         (
             &[
                 "shim",

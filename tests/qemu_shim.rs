@@ -81,12 +81,16 @@ fn shim(args: &[&str], log: &Path) -> Proc {
 fn shims(dir: &Path, port: u16, send_args: &[&str], recv_args: &[&str]) -> (Proc, Proc) {
     let listen = format!("127.0.0.1:{port}");
     let qemu = format!("unix:{}", dir.join("dst.sock").display());
+    let json = dir.join("recv.json").display().to_string();
     let mut args = vec!["recv", "--listen", &listen, "--qemu", &qemu, "--once"];
+    args.extend_from_slice(&["--summary-json", &json]);
     args.extend_from_slice(recv_args);
     let recv = shim(&args, &dir.join("recv.log"));
     let listen = format!("unix:{}", dir.join("src.sock").display());
     let to = format!("127.0.0.1:{port}");
+    let json = dir.join("send.json").display().to_string();
     let mut args = vec!["send", "--listen", &listen, "--to", &to, "--once"];
+    args.extend_from_slice(&["--summary-json", &json]);
     args.extend_from_slice(send_args);
     let send = shim(&args, &dir.join("send.log"));
     wait_listening(&dir.join("src.sock"));
@@ -256,6 +260,22 @@ fn read_log(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
+/// The one summary a `--once` shim wrote with `--summary-json` to `dir/name`, checked against
+/// what it says of itself.
+fn json_summary(dir: &Path, name: &str, side: &str) -> serde_json::Value {
+    let text = read_log(dir, name);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{name}: one summary per migration: {text}");
+    let summary: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(summary["side"], side, "{summary}");
+    assert_eq!(
+        summary["completed"],
+        summary["error"].is_null(),
+        "completed exactly when there is no error: {summary}"
+    );
+    summary
+}
+
 /// Migrates, then checks: completed, identical memory, every stream verified end to end, shims
 /// report success, and the destination runs.
 ///
@@ -315,6 +335,19 @@ fn verify_migration(mut s: Setup, send_says: &[&str], recv_says: &[&str]) {
                 "{connections} of {connections} incoming stream(s) verified end to end"
             )),
             "{name}: {text}"
+        );
+        // The same, for programs.
+        let (json, side) = match name {
+            "send.log" => ("send.json", "source shim"),
+            _ => ("recv.json", "destination shim"),
+        };
+        let summary = json_summary(&dir, json, side);
+        assert_eq!(summary["completed"], true, "{summary}");
+        assert_eq!(summary["qemu_connections"], connections, "{summary}");
+        assert_eq!(summary["verified_streams"], connections, "{summary}");
+        assert!(
+            summary["stream"]["raw_bytes"].as_u64().unwrap() > 0,
+            "{summary}"
         );
     }
     // The destination guest runs on: its workload keeps printing.
@@ -756,12 +789,36 @@ fn silence_mid_migration(name: &str, send_args: &[&str], silence: Silence) {
         format!("unix:{}", dst_sock.display()),
         key.display().to_string(),
     );
+    let (send_json, recv_json) = (
+        dir.join("send.json").display().to_string(),
+        dir.join("recv.json").display().to_string(),
+    );
     let common = ["--once", "--key-file", &key, "--link-timeout", &timeout];
-    let recv_args = [&["recv", "--listen", &to, "--qemu", &qemu][..], &common].concat();
+    let recv_args = [
+        &[
+            "recv",
+            "--listen",
+            &to,
+            "--qemu",
+            &qemu,
+            "--summary-json",
+            &recv_json,
+        ][..],
+        &common,
+    ]
+    .concat();
     let mut recv = shim_in(pair.dst_ns(), &recv_args, &dir.join("recv.log"));
     let listen = format!("unix:{}", src_sock.display());
     let send_args = [
-        &["send", "--listen", &listen, "--to", &to][..],
+        &[
+            "send",
+            "--listen",
+            &listen,
+            "--to",
+            &to,
+            "--summary-json",
+            &send_json,
+        ][..],
         &common,
         send_args,
     ]
@@ -818,12 +875,17 @@ fn silence_mid_migration(name: &str, send_args: &[&str], silence: Silence) {
         Duration::from_secs(30),
     )
     .unwrap();
-    for (p, name) in [(&mut send, "send.log"), (&mut recv, "recv.log")] {
+    for (p, name, json, side) in [
+        (&mut send, "send.log", "send.json", "source shim"),
+        (&mut recv, "recv.log", "recv.json", "destination shim"),
+    ] {
         let status = wait_exit(p, Duration::from_secs(60))
             .unwrap_or_else(|| panic!("a shim still waits: {}", read_log(&dir, name)));
         let text = read_log(&dir, name);
         assert!(!status.success(), "{text}");
         assert!(text.contains("FAILED"), "{text}");
+        let summary = json_summary(&dir, json, side);
+        assert_eq!(summary["completed"], false, "{summary}");
     }
     assert!(
         dst.wait_exit(Duration::from_secs(30)),

@@ -412,6 +412,7 @@ fn run_method(
                         uuid: [0; 16],
                     }),
                     link_timeout: pagestream_qemu_shim::link::DEFAULT_LINK_TIMEOUT,
+                    on_summary: None,
                     once: true,
                     log: quiet2,
                 })
@@ -433,6 +434,7 @@ fn run_method(
                     },
                     channels: pagestream_transport::default_channels(),
                     link_timeout: pagestream_qemu_shim::link::DEFAULT_LINK_TIMEOUT,
+                    on_summary: None,
                     once: true,
                     log: quiet,
                 })

@@ -181,6 +181,10 @@ impl Write for Conn {
     }
 }
 
+/// Where a shim hands each migration's summary, besides its log: `(side, summary)`, side being
+/// "source shim" or "destination shim".
+pub type SummarySink = Arc<dyn Fn(&str, &Summary) + Send + Sync>;
+
 /// How a migration went, as one shim saw it.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
@@ -207,6 +211,30 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The summary as one JSON object, for programs (`--summary-json`).
+    pub fn to_json(&self, side: &str) -> serde_json::Value {
+        let moved = |m: &Moved| serde_json::json!({ "raw_bytes": m.raw, "wire_bytes": m.wire });
+        let pages = self.pages.map(|counts| {
+            PageClass::ALL
+                .iter()
+                .map(|&class| (class.name().to_string(), counts.pages(class).into()))
+                .collect::<serde_json::Map<String, serde_json::Value>>()
+        });
+        serde_json::json!({
+            "side": side,
+            "session": self.session,
+            "completed": self.error.is_none(),
+            "mode": self.mode,
+            "qemu_connections": self.connections,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "stream": moved(&self.forward),
+            "return_path": moved(&self.back),
+            "verified_streams": self.verified,
+            "pages": pages,
+            "error": self.error,
+        })
+    }
+
     /// A few lines for people.
     pub fn render(&self, side: &str) -> String {
         let ratio = self.forward.raw as f64 / self.forward.wire.max(1) as f64;
@@ -434,12 +462,21 @@ impl Session {
 
     /// Prints the session's summary and hands it on, once per session whichever of its
     /// connections gets here first.
-    fn report(&self, side: &str, log: &Log, done: &std::sync::mpsc::Sender<Summary>) {
+    fn report(
+        &self,
+        side: &str,
+        log: &Log,
+        sink: Option<&SummarySink>,
+        done: &std::sync::mpsc::Sender<Summary>,
+    ) {
         if self.reported.swap(true, Ordering::SeqCst) {
             return;
         }
         let summary = self.summary();
         log(&summary.render(side));
+        if let Some(sink) = sink {
+            sink(side, &summary);
+        }
         let _ = done.send(summary);
     }
 
@@ -615,6 +652,8 @@ pub struct SourceConfig {
     /// How long the destination shim may stay unreachable before the migration fails
     /// ([`link::watch_liveness`]; default [`link::DEFAULT_LINK_TIMEOUT`]).
     pub link_timeout: Duration,
+    /// Also hands each summary here (`--summary-json`).
+    pub on_summary: Option<SummarySink>,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -834,7 +873,12 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             session.closed(main);
             if main {
                 session.wait_finished();
-                session.report("source shim", &config.log, &done_tx);
+                session.report(
+                    "source shim",
+                    &config.log,
+                    config.on_summary.as_ref(),
+                    &done_tx,
+                );
             }
         });
     }
@@ -914,6 +958,8 @@ pub struct DestinationConfig {
     /// How long the source shim may stay unreachable before the migration fails
     /// ([`link::watch_liveness`]; default [`link::DEFAULT_LINK_TIMEOUT`]).
     pub link_timeout: Duration,
+    /// Also hands each summary here (`--summary-json`).
+    pub on_summary: Option<SummarySink>,
     /// Exit after one migration.
     pub once: bool,
     /// Progress and summaries.
@@ -1059,7 +1105,12 @@ pub fn run_destination_on(
                     }
                     session.closed(true);
                     session.wait_finished();
-                    session.report("destination shim", &config.log, &done_tx);
+                    session.report(
+                        "destination shim",
+                        &config.log,
+                        config.on_summary.as_ref(),
+                        &done_tx,
+                    );
                     return;
                 }
                 StreamKind::ReturnPath => {
@@ -1100,7 +1151,12 @@ pub fn run_destination_on(
                 session.closed(main);
                 // The session failed for good: say so now, whether its main channel came yet
                 // or not (if it never comes, nothing else would).
-                session.report("destination shim", &config.log, &done_tx);
+                session.report(
+                    "destination shim",
+                    &config.log,
+                    config.on_summary.as_ref(),
+                    &done_tx,
+                );
                 return;
             }
             session.opened();
@@ -1124,7 +1180,12 @@ pub fn run_destination_on(
             session.closed(main);
             if main {
                 session.wait_finished();
-                session.report("destination shim", &config.log, &done_tx);
+                session.report(
+                    "destination shim",
+                    &config.log,
+                    config.on_summary.as_ref(),
+                    &done_tx,
+                );
             }
         });
     }
@@ -1159,6 +1220,47 @@ mod tests {
         let err = m.admit(StreamKind::Multifd(0), None).unwrap_err();
         assert!(err.contains("second multifd channel 0"), "{err}");
         m.admit(StreamKind::Multifd(1), None).unwrap();
+    }
+
+    #[test]
+    fn a_summary_reads_the_same_as_json() {
+        let mut pages = ClassCounts::default();
+        pages.add(PageClass::Zero, 10, 4);
+        pages.add(PageClass::Lz4, 3, 5000);
+        let summary = Summary {
+            session: "0123456789ab".into(),
+            mode: "parsing".into(),
+            connections: 1,
+            elapsed: Duration::from_millis(2500),
+            forward: Moved {
+                raw: 1000,
+                wire: 400,
+            },
+            back: Moved { raw: 0, wire: 20 },
+            verified: 1,
+            pages: Some(pages),
+            error: None,
+        };
+        let json = summary.to_json("source shim");
+        assert_eq!(json["side"], "source shim");
+        assert_eq!(json["completed"], true);
+        assert_eq!(json["elapsed_s"], 2.5);
+        assert_eq!(json["stream"]["raw_bytes"], 1000);
+        assert_eq!(json["stream"]["wire_bytes"], 400);
+        assert_eq!(json["return_path"]["wire_bytes"], 20);
+        assert_eq!(json["verified_streams"], 1);
+        assert_eq!(json["pages"]["zero"], 10);
+        assert_eq!(json["pages"]["lz4"], 3);
+        assert_eq!(json["error"], serde_json::Value::Null);
+        let failed = Summary {
+            error: Some("the other shim stopped answering".into()),
+            pages: None,
+            ..summary
+        };
+        let json = failed.to_json("destination shim");
+        assert_eq!(json["completed"], false);
+        assert_eq!(json["error"], "the other shim stopped answering");
+        assert_eq!(json["pages"], serde_json::Value::Null);
     }
 
     #[test]
