@@ -130,7 +130,27 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         args.extend_from_slice(extra);
         args
     };
-    let shim_cases: [(Vec<&str>, &str); 4] = [
+    let send = |extra: &'static [&'static str]| -> Vec<&'static str> {
+        let mut args = vec![
+            "shim",
+            "send",
+            "--listen",
+            "unix:/tmp/x.sock",
+            "--to",
+            "127.0.0.1:1",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let shim_cases: [(Vec<&str>, &str); 6] = [
+        (
+            send(&["--summary-json", "/nonexistent/dir/s.json"]),
+            "cannot open --summary-json /nonexistent/dir/s.json",
+        ),
+        (
+            send(&["--link-timeout", "0"]),
+            "--link-timeout must be between 1 and 3600 seconds",
+        ),
         (
             recv(&["--qemu-multifd", "0"]),
             "--qemu-multifd must be at least 1",
@@ -145,33 +165,7 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 12] = [
-        (
-            &[
-                "shim",
-                "send",
-                "--listen",
-                "unix:/tmp/x.sock",
-                "--to",
-                "127.0.0.1:1",
-                "--summary-json",
-                "/nonexistent/dir/s.json",
-            ],
-            "cannot open --summary-json /nonexistent/dir/s.json",
-        ),
-        (
-            &[
-                "shim",
-                "send",
-                "--listen",
-                "unix:/tmp/x.sock",
-                "--to",
-                "127.0.0.1:1",
-                "--link-timeout",
-                "0",
-            ],
-            "--link-timeout must be between 1 and 3600 seconds",
-        ),
+    let cases: [(&[&str], &str); 10] = [
         (
             &["shim", "recv", "--listen", "127.0.0.1:0", "--qemu", "tcp:1"],
             "is not tcp:HOST:PORT",

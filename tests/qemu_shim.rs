@@ -105,6 +105,27 @@ fn wait_listening(sock: &Path) {
     }
 }
 
+/// Waits until the migration of `src` has sent `bytes`, while it is still under way: whatever
+/// a test does next happens mid-migration.
+fn wait_under_way(src: &mut QemuVm, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = src.qmp.execute("query-migrate", json!({})).unwrap();
+        assert!(
+            info["status"] == "setup" || info["status"] == "active",
+            "the migration is over already: {info}"
+        );
+        if info["ram"]["transferred"].as_u64().unwrap_or(0) > bytes {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration does not start: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts the source VM, waits for its workload, and migrates it into the source shim at
 /// `src_sock`, with QEMU's bandwidth limit out of the way.
 fn start_migrating(guest: &Guest, dir: &Path, src_sock: &Path) -> QemuVm {
@@ -420,18 +441,7 @@ fn second_migration_meets_a_busy_shim(name: &str, busy: Busy) {
     s.src
         .migrate(&format!("unix:{}", src_sock.display()))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s.src.qmp.execute("query-migrate", json!({})).unwrap()["ram"]["transferred"]
-        .as_u64()
-        .unwrap_or(0)
-        < 2 << 20
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the first migration does not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_under_way(&mut s.src, 2 << 20);
     other
         .migrate(&format!("unix:{}", other_sock.display()))
         .unwrap();
@@ -669,14 +679,7 @@ fn kill_mid_migration(name: &str, send_args: &[&str], victim: Victim) {
     s.src
         .migrate(&format!("unix:{}", src_sock.display()))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let info = s.src.qmp.execute("query-migrate", json!({})).unwrap();
-        if info["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_under_way(&mut s.src, 4 << 20);
     let (killed, survivor, survivor_log) = match victim {
         Victim::Source => (&mut s.send, &mut s.recv, "recv.log"),
         Victim::Destination => (&mut s.recv, &mut s.send, "send.log"),
@@ -826,22 +829,7 @@ fn silence_mid_migration(name: &str, send_args: &[&str], silence: Silence) {
     let mut send = shim_in(pair.src_ns(), &send_args, &dir.join("send.log"));
     wait_listening(&src_sock);
     let mut src = start_migrating(&guest, &dir, &src_sock);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let info = src.qmp.execute("query-migrate", json!({})).unwrap();
-        assert!(
-            info["status"] == "setup" || info["status"] == "active",
-            "still migrating before the cut: {info}"
-        );
-        if info["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the migration does not start: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_under_way(&mut src, 4 << 20);
     let signal = |p: &Proc, sig: &str| {
         let sent = Command::new("kill")
             .args([sig, &p.0.id().to_string()])
