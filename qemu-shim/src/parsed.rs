@@ -46,7 +46,9 @@ use pagestream_transport::{
 
 use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
 use crate::multifd::{self, MultifdOut};
-use crate::relay::{Conn, DestinationConfig, Session, SourceConfig, connect_qemu};
+use crate::relay::{
+    Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, connect_qemu,
+};
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
 
 /// First byte of a blob: the RAM block list.
@@ -94,8 +96,6 @@ const QEMU_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a writer of the destination returns when the session ended before its stream did: the
 /// echo of a failure reported elsewhere.
 const SESSION_ENDED_EARLY: &str = "the session ended early";
-/// How long a link of the destination waits for the main channel's connection to its QEMU.
-const QEMU_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 const _: () = assert!(TARGET_PAGE_SIZE == PAGE_SIZE);
 const _: () = assert!(READ_CHUNK >= stream::MAX_ITEM);

@@ -77,6 +77,10 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// How long a destination link other than the main channel waits for the main channel's
+/// connection to the destination QEMU (QEMU takes its first connection as the main channel).
+pub(crate) const QEMU_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A connection to or from QEMU.
 #[derive(Debug)]
 pub(crate) enum Conn {
@@ -1166,7 +1170,7 @@ pub fn run_destination_on(
             let result = (|| -> Result<(), String> {
                 if !main {
                     // QEMU takes its first connection as the main channel: wait for it.
-                    session.wait_main_ready(Duration::from_secs(30))?;
+                    session.wait_main_ready(QEMU_READY_TIMEOUT)?;
                 }
                 let qemu = connect_qemu(&config.qemu)?;
                 if main {
