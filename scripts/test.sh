@@ -16,8 +16,10 @@ fail() { printf '\n\033[1;31mFAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 
 # Debian packages the suite needs: a C/C++ toolchain for zstd, libFuzzer and the test guest's
 # workload; iproute2 (ip, tc) for the emulated links between network namespaces; QEMU, busybox
-# and cpio for the test guest that real migrations move.
-APT_PACKAGES=(build-essential pkg-config iproute2 qemu-system-x86 busybox-static cpio)
+# and cpio for the test guest that real migrations move; libvirt (daemon, QEMU driver, virsh)
+# for the `virsh migrate` tests.
+APT_PACKAGES=(build-essential pkg-config iproute2 qemu-system-x86 busybox-static cpio
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 
 install_packages() {
     local missing=()
@@ -47,6 +49,17 @@ install_cargo_tool() {
 command -v dpkg-query >/dev/null || fail "this script needs a Debian-based system (dpkg)"
 command -v cargo >/dev/null || fail "cargo not found: install Rust with rustup (https://rustup.rs)"
 install_packages "${APT_PACKAGES[@]}"
+# libvirt's QEMU driver looks up its default account (user and group libvirt-qemu) when it
+# starts, even when configured to run QEMU as root, as the tests do. libvirt-daemon-system
+# creates it, but it would also replace the machine's init with systemd; the account alone is
+# enough.
+if ! getent group libvirt-qemu >/dev/null; then
+    groupadd --system libvirt-qemu || fail "cannot create the group libvirt-qemu"
+fi
+if ! getent passwd libvirt-qemu >/dev/null; then
+    useradd --system --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin \
+        -g libvirt-qemu libvirt-qemu || fail "cannot create the user libvirt-qemu"
+fi
 if command -v rustup >/dev/null; then
     rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
     rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy

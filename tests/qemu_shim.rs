@@ -12,37 +12,19 @@
 //! the guest RAM is padded (`vm::TCG_TRACKING_PAD`) so that QEMU 7.2 under TCG tracks every
 //! write of a live migration, which `qemu-shim/tests/native.rs` checks without the shims.
 
+mod common;
+
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Proc, Scratch, read_log, wait_exit, workspace};
 use pagestream_benches::netns::LinkPair;
 use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
 use serde_json::json;
 
 const MEMORY_MIB: u32 = 256;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ps-shim-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -50,16 +32,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn shim(args: &[&str], log: &Path) -> Proc {
@@ -154,17 +126,6 @@ fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate:
         },
     )
     .expect("QEMU starts")
-}
-
-fn wait_exit(p: &mut Proc, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = p.0.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 /// Waits until an incoming VM has loaded its migration (it leaves the `inmigrate` state).
@@ -275,10 +236,6 @@ fn setup_sides(
 
 fn log(s: &Setup, name: &str) -> String {
     read_log(&s.scratch.0, name)
-}
-
-fn read_log(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
 /// The one summary a `--once` shim wrote with `--summary-json` to `dir/name`, checked against
