@@ -39,7 +39,8 @@ pub struct QemuArgs {
     #[arg(long, default_value_t = 60)]
     time_limit: u64,
     /// Methods to run, comma-separated: native, multifd (uncompressed), multifd-zstd, xbzrle,
-    /// shim (parsing mode), shim-opaque.
+    /// shim (parsing mode), shim-no-dest-multifd, shim-opaque, shim-multifd (multifd at both
+    /// QEMUs, as `virsh migrate --parallel` sets it).
     #[arg(long, default_value = "native,multifd-zstd,xbzrle,shim")]
     methods: String,
     /// Rounds: every method runs once per round, in order; the report gives each method's

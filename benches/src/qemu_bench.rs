@@ -45,11 +45,15 @@ pub enum Method {
     ShimNoDestMultifd,
     /// The same with the shims in opaque mode (the stream carried as compressed bytes).
     ShimOpaque,
+    /// QEMU multifd (2 channels, pages uncompressed) at both ends, as `virsh migrate
+    /// --parallel` sets it up, through the shims: the main channel parsed, each multifd
+    /// channel carried opaque on a link of its own.
+    ShimMultifd,
 }
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::Native,
         Method::Multifd,
         Method::MultifdZstd,
@@ -57,6 +61,7 @@ impl Method {
         Method::Shim,
         Method::ShimNoDestMultifd,
         Method::ShimOpaque,
+        Method::ShimMultifd,
     ];
 
     /// Its name on the command line and in reports.
@@ -69,6 +74,7 @@ impl Method {
             Method::Shim => "shim",
             Method::ShimNoDestMultifd => "shim-no-dest-multifd",
             Method::ShimOpaque => "shim-opaque",
+            Method::ShimMultifd => "shim-multifd",
         }
     }
 
@@ -76,13 +82,15 @@ impl Method {
     pub fn is_shim(self) -> bool {
         matches!(
             self,
-            Method::Shim | Method::ShimNoDestMultifd | Method::ShimOpaque
+            Method::Shim | Method::ShimNoDestMultifd | Method::ShimOpaque | Method::ShimMultifd
         )
     }
 
     fn capabilities(self) -> Vec<(&'static str, bool)> {
         match self {
-            Method::Multifd | Method::MultifdZstd => vec![("multifd", true)],
+            Method::Multifd | Method::MultifdZstd | Method::ShimMultifd => {
+                vec![("multifd", true)]
+            }
             Method::Xbzrle => vec![("xbzrle", true)],
             Method::Native | Method::Shim | Method::ShimNoDestMultifd | Method::ShimOpaque => {
                 vec![]
@@ -92,7 +100,9 @@ impl Method {
 
     fn parameters(self) -> Value {
         match self {
-            Method::Multifd => json!({ "multifd-channels": 2, "multifd-compression": "none" }),
+            Method::Multifd | Method::ShimMultifd => {
+                json!({ "multifd-channels": 2, "multifd-compression": "none" })
+            }
             Method::MultifdZstd => json!({ "multifd-channels": 2, "multifd-compression": "zstd" }),
             _ => json!({}),
         }
