@@ -49,19 +49,28 @@ fn shim(args: &[&str], log: &Path) -> Proc {
 
 /// The destination shim (feeding `dir/dst.sock`, listening on `port`, with `recv_args`) and
 /// the source shim (listening on `dir/src.sock`, with `send_args`), logging to `dir/recv.log`
-/// and `dir/send.log`.
-fn shims(dir: &Path, port: u16, send_args: &[&str], recv_args: &[&str]) -> (Proc, Proc) {
+/// and `dir/send.log`; with `once`, each exits after one migration.
+fn shims(
+    dir: &Path,
+    port: u16,
+    send_args: &[&str],
+    recv_args: &[&str],
+    once: bool,
+) -> (Proc, Proc) {
+    let once = if once { &["--once"][..] } else { &[] };
     let listen = format!("127.0.0.1:{port}");
     let qemu = format!("unix:{}", dir.join("dst.sock").display());
     let json = dir.join("recv.json").display().to_string();
-    let mut args = vec!["recv", "--listen", &listen, "--qemu", &qemu, "--once"];
+    let mut args = vec!["recv", "--listen", &listen, "--qemu", &qemu];
+    args.extend_from_slice(once);
     args.extend_from_slice(&["--summary-json", &json]);
     args.extend_from_slice(recv_args);
     let recv = shim(&args, &dir.join("recv.log"));
     let listen = format!("unix:{}", dir.join("src.sock").display());
     let to = format!("127.0.0.1:{port}");
     let json = dir.join("send.json").display().to_string();
-    let mut args = vec!["send", "--listen", &listen, "--to", &to, "--once"];
+    let mut args = vec!["send", "--listen", &listen, "--to", &to];
+    args.extend_from_slice(once);
     args.extend_from_slice(&["--summary-json", &json]);
     args.extend_from_slice(send_args);
     let send = shim(&args, &dir.join("send.log"));
@@ -184,6 +193,8 @@ struct Sides<'a> {
     /// Capabilities and parameters of the destination QEMU alone.
     dst_caps: &'a [(&'a str, bool)],
     dst_params: Option<serde_json::Value>,
+    /// Both shims stay up after a migration (no `--once`).
+    stay_up: bool,
 }
 
 /// Like [`setup_with`], with whatever differs between the hosts in `sides`.
@@ -199,6 +210,7 @@ fn setup_sides(
         recv_args,
         dst_caps,
         dst_params,
+        stay_up,
     } = sides;
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
@@ -214,7 +226,7 @@ fn setup_sides(
     }
     dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
         .unwrap();
-    let (recv, send) = shims(&dir, port, send_args, recv_args);
+    let (recv, send) = shims(&dir, port, send_args, recv_args, !stay_up);
     let mut src = vm(&guest, &dir, "src", None, dirty_rate);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
@@ -881,7 +893,7 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
         },
     )
     .expect("QEMU starts");
-    let (mut recv, mut send) = shims(&dir, port, &[], &[]);
+    let (mut recv, mut send) = shims(&dir, port, &[], &[], true);
     let mut src = start_migrating(&guest, &dir, &src_sock);
     let info = src
         .wait_migration(Duration::from_secs(60))
@@ -903,4 +915,106 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
         dst.wait_exit(Duration::from_secs(30)),
         "destination QEMU still runs"
     );
+}
+
+/// Every summary a shim has written with `--summary-json` to `dir/name`, once there are
+/// `count` (waiting up to 30 s for them).
+fn json_summaries(dir: &Path, name: &str, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = read_log(dir, name);
+        if text.lines().count() >= count || Instant::now() >= deadline {
+            return text
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+                .collect();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An operator cancels a migration midway (QMP `migrate_cancel`, what `virsh domjobabort`
+/// sends): the source QEMU reports it cancelled and its VM runs on, the destination QEMU gives
+/// up, both shims report the migration failed and stay up, and the next migration, into a new
+/// destination QEMU, goes through the same shims with bit-identical memory.
+#[test]
+fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
+    let sides = Sides {
+        stay_up: true,
+        ..Sides::default()
+    };
+    let mut s = setup_sides("cancel", &[], json!({}), 2000, sides);
+    let dir = s.scratch.0.clone();
+    let src_uri = format!("unix:{}", dir.join("src.sock").display());
+    s.src.migrate(&src_uri).unwrap();
+    wait_under_way(&mut s.src, 16 << 20);
+    s.src.qmp.execute("migrate_cancel", json!({})).unwrap();
+    let info = s.src.wait_migration(Duration::from_secs(60)).unwrap();
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert_eq!(s.src.status().unwrap(), "running", "the source VM runs on");
+    assert!(
+        s.dst.wait_exit(Duration::from_secs(30)),
+        "the destination QEMU gives up on the cancelled migration\nrecv: {}",
+        read_log(&dir, "recv.log")
+    );
+    for (json, side, log) in [
+        ("send.json", "source shim", "send.log"),
+        ("recv.json", "destination shim", "recv.log"),
+    ] {
+        let summaries = json_summaries(&dir, json, 1);
+        assert_eq!(summaries.len(), 1, "{side}: {}", read_log(&dir, log));
+        assert_eq!(summaries[0]["side"], side);
+        assert_eq!(summaries[0]["completed"], false, "{}", summaries[0]);
+        // Every byte QEMU wrote was carried: the shims fail the migration for what it was.
+        let error = summaries[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the migration was cancelled or failed at the source"),
+            "{side}: {error}"
+        );
+        assert!(
+            read_log(&dir, log).contains("FAILED"),
+            "{side}: {}",
+            read_log(&dir, log)
+        );
+    }
+    assert_eq!(
+        s.send.0.try_wait().unwrap(),
+        None,
+        "the source shim stays up"
+    );
+    assert_eq!(
+        s.recv.0.try_wait().unwrap(),
+        None,
+        "the destination shim stays up"
+    );
+
+    // The next attempt, into a new destination QEMU on the same socket.
+    let guest = Guest::locate(&workspace()).unwrap();
+    let mut dst = vm(&guest, &dir, "dst2", Some("defer"), 2000);
+    dst.migrate_incoming(&format!("unix:{}", dir.join("dst.sock").display()))
+        .unwrap();
+    s.src.migrate(&src_uri).unwrap();
+    let info = s.src.wait_migration(Duration::from_secs(180)).unwrap();
+    assert_eq!(
+        info["status"],
+        "completed",
+        "{info}\nsend: {}\nrecv: {}",
+        read_log(&dir, "send.log"),
+        read_log(&dir, "recv.log")
+    );
+    wait_loaded(&mut dst);
+    let a = memory(&mut s.src, &dir.join("src.mem"));
+    let b = memory(&mut dst, &dir.join("dst.mem"));
+    check_identical(&a, &b, "between source and destination").unwrap();
+    for json in ["send.json", "recv.json"] {
+        let summaries = json_summaries(&dir, json, 2);
+        assert_eq!(summaries.len(), 2, "{json}: {summaries:?}");
+        let next = &summaries[1];
+        assert_eq!(next["completed"], true, "{next}");
+        assert_eq!(next["verified_streams"], next["qemu_connections"], "{next}");
+        assert_ne!(
+            next["session"], summaries[0]["session"],
+            "a session of its own"
+        );
+    }
 }

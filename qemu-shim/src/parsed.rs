@@ -67,6 +67,15 @@ const BLOB_MODE: u8 = 3;
 /// (Bytes sent when QEMU paused between writes go as [`BLOB_BYTES`]: more bytes may follow them
 /// before the next page, so pages must wait; an empty blob of this kind releases them then.)
 const BLOB_BYTES_THEN_PAGES: u8 = 4;
+/// First byte of a blob: the source QEMU ended its stream before the end of its migration
+/// ([`stream::Ending::Early`]), and why, in words. The destination still hands its QEMU every
+/// byte (QEMU fails on the cut stream as it would without the shims), then reports the
+/// migration failed for this reason rather than complete.
+const BLOB_ENDED_EARLY: u8 = 5;
+
+/// Why a migration whose stream ended early failed, as both shims report it.
+const ENDED_EARLY: &str = "the source QEMU ended its migration stream before the device state, \
+     in the RAM phase: the migration was cancelled or failed at the source";
 
 /// Why a stream the source stopped parsing cannot feed a destination QEMU's multifd channels.
 pub(crate) const UNPARSED_FOR_MULTIFD: &str = "the source shim stopped parsing QEMU's stream before its device state (see its summary): \
@@ -442,7 +451,7 @@ pub(crate) fn source_main(
         session.forward_raw.fetch_add(got as u64, Ordering::Relaxed);
         held.extend_from_slice(&buf[..got]);
     }
-    parser.finish(&held, &mut |event| out.event(event));
+    let ending = parser.finish(&held, &mut |event| out.event(event));
     if let Some(e) = out.error.take() {
         return Err(e);
     }
@@ -453,7 +462,16 @@ pub(crate) fn source_main(
     out.sender
         .send_blob(out.generation, &note)
         .map_err(|e| full_message(&e))?;
-    let blob_bytes = out.blob_bytes + note.len() as u64;
+    let mut blob_bytes = out.blob_bytes + note.len() as u64;
+    let ended_early = ending == stream::Ending::Early;
+    if ended_early {
+        let mut note = vec![BLOB_ENDED_EARLY];
+        note.extend_from_slice(ENDED_EARLY.as_bytes());
+        out.sender
+            .send_blob(out.generation, &note)
+            .map_err(|e| full_message(&e))?;
+        blob_bytes += note.len() as u64;
+    }
     let summary = out
         .sender
         .finish()
@@ -465,6 +483,10 @@ pub(crate) fn source_main(
     *session.mode.lock().expect("not poisoned") = Some(mode);
     back.join()
         .unwrap_or_else(|_| Err("the return-path thread panicked".into()))?;
+    // Every byte was carried, but the migration did not end: not a completed one.
+    if ended_early {
+        return Err(ENDED_EARLY.into());
+    }
     Ok(SourceOutcome::Carried)
 }
 
@@ -848,6 +870,8 @@ struct Rebuild<'a> {
     session: &'a Session,
     /// The source's account of the mode.
     mode: Option<String>,
+    /// Why the migration did not end, when the source QEMU's stream ended early.
+    ended_early: Option<String>,
     /// The destination QEMU's multifd channels, when it loads pages over them.
     multifd: Option<MultifdOut>,
     /// The destination QEMU read the first bytes of its main channel.
@@ -929,6 +953,10 @@ impl Rebuild<'_> {
             }
             BLOB_MODE => {
                 self.mode = Some(String::from_utf8_lossy(body).into_owned());
+                Ok(())
+            }
+            BLOB_ENDED_EARLY => {
+                self.ended_early = Some(String::from_utf8_lossy(body).into_owned());
                 Ok(())
             }
             other => Err(format!("a blob of unknown kind {other}")),
@@ -1142,6 +1170,7 @@ pub(crate) fn destination_main(
         written: 0,
         session,
         mode: None,
+        ended_early: None,
         multifd: multifd_out,
         qemu_reads: false,
     };
@@ -1245,7 +1274,10 @@ pub(crate) fn destination_main(
         ));
     }
     *session.mode.lock().expect("not poisoned") = Some(mode);
-    Ok(())
+    match rebuild.ended_early.take() {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
 }
 
 /// Relays the destination QEMU's return path back to the source shim.

@@ -275,6 +275,23 @@ pub struct Parser {
     last_block: Option<usize>,
     /// Stream bytes consumed so far.
     position: u64,
+    /// Once passing through: whether that is the normal course of a stream.
+    passed_through_expected: Option<bool>,
+}
+
+/// How far the parser followed a stream that ended ([`Parser::finish`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Past the RAM phase, in the device state or at the end of the stream, where a
+    /// migration's stream ends (the parser follows it no further).
+    AfterRam,
+    /// Before the device state: the source QEMU stopped sending before the end of its
+    /// migration, which it cancelled or which failed there. The destination QEMU cannot load
+    /// such a stream.
+    Early,
+    /// The parser had stopped following the stream before, at something it does not
+    /// understand: only the destination QEMU can tell whether the stream is whole.
+    NotFollowed,
 }
 
 impl Default for Parser {
@@ -292,6 +309,7 @@ impl Parser {
             ram_section: None,
             last_block: None,
             position: 0,
+            passed_through_expected: None,
         }
     }
 
@@ -382,6 +400,7 @@ impl Parser {
                     }
                     run = pos;
                     self.state = State::PassThrough;
+                    self.passed_through_expected = Some(expected);
                     emit(Event::PassThrough {
                         reason,
                         expected,
@@ -411,8 +430,13 @@ impl Parser {
     }
 
     /// The stream ended with `rest` not parsed (an item cut short): it is carried as it is, and
-    /// the destination QEMU will judge it.
-    pub fn finish(&mut self, rest: &[u8], emit: &mut dyn FnMut(Event<'_>)) {
+    /// the destination QEMU will judge it. Says how far the stream got.
+    pub fn finish(&mut self, rest: &[u8], emit: &mut dyn FnMut(Event<'_>)) -> Ending {
+        let ending = match self.passed_through_expected {
+            Some(true) => Ending::AfterRam,
+            Some(false) => Ending::NotFollowed,
+            None => Ending::Early,
+        };
         if !rest.is_empty() {
             if self.state != State::PassThrough {
                 self.state = State::PassThrough;
@@ -425,6 +449,7 @@ impl Parser {
             emit(Event::Bytes(rest));
             self.position += rest.len() as u64;
         }
+        ending
     }
 
     fn step(&mut self, rest: &[u8]) -> Item {
@@ -886,6 +911,8 @@ mod tests {
         pub(crate) rebuilt: Vec<u8>,
         /// RAM end-of-section markers seen.
         pub(crate) sections_ended: usize,
+        /// What [`Parser::finish`] said.
+        pub(crate) ending: Option<Ending>,
     }
 
     pub(crate) fn parse_in_chunks(stream: &[u8], chunk: usize) -> Parsed {
@@ -964,12 +991,17 @@ mod tests {
             held.extend_from_slice(piece);
             parser.parse_all(&mut held, &mut |e| emit(e, &mut parsed, &mut blocks));
         }
-        parser.finish(&held, &mut |e| emit(e, &mut parsed, &mut blocks));
+        parsed.ending = Some(parser.finish(&held, &mut |e| emit(e, &mut parsed, &mut blocks)));
         assert_eq!(parser.position(), stream.len() as u64);
         parsed
     }
 
     fn typical() -> Vec<u8> {
+        typical_ram_phase().device_state().bytes
+    }
+
+    /// [`typical`] up to its device state.
+    fn typical_ram_phase() -> StreamBuilder {
         StreamBuilder::default()
             .header()
             .command(CMD_OPEN_RETURN_PATH, &[])
@@ -988,8 +1020,6 @@ mod tests {
             .end(2)
             .page(Some("pc.ram"), 1 << 12, 5)
             .eos_footer(2)
-            .device_state()
-            .bytes
     }
 
     #[test]
@@ -1028,9 +1058,33 @@ mod tests {
         assert_eq!(whole.sections_ended, 4);
         let (reason, expected, _) = whole.pass_through.clone().expect("device state");
         assert!(expected && reason.contains("device state"), "{reason}");
+        assert_eq!(whole.ending, Some(Ending::AfterRam));
         assert_eq!(whole.accounted, stream.len());
         for chunk in [1, 2, 7, 13, 4095, 4096, 4097, 65536] {
             assert_eq!(parse_in_chunks(&stream, chunk), whole, "chunks of {chunk}");
+        }
+    }
+
+    /// A source QEMU that cancels its migration closes the stream wherever it is: anywhere
+    /// before the device state, inside an item or between two, the stream ended early. Once
+    /// the first device's header is in, the parser follows the stream no further and cannot
+    /// tell.
+    #[test]
+    fn a_stream_cut_before_its_device_state_ended_early() {
+        let stream = typical();
+        let ram_phase = typical_ram_phase().bytes.len();
+        // The device state's first section header: type, id, name, instance, version.
+        let device_header = ram_phase + 1 + 4 + 1 + b"timer".len() + 4 + 4;
+        let cuts = (1..stream.len()).step_by(97);
+        for cut in cuts.chain([ram_phase - 1, ram_phase, device_header - 1, device_header]) {
+            let parsed = parse_in_chunks(&stream[..cut], 13);
+            let expected = if cut < device_header {
+                Ending::Early
+            } else {
+                Ending::AfterRam
+            };
+            assert_eq!(parsed.ending, Some(expected), "cut at {cut} of {ram_phase}");
+            assert_eq!(parsed.accounted, cut, "every byte still carried");
         }
     }
 
@@ -1068,6 +1122,7 @@ mod tests {
             let parsed = parse_in_chunks(&stream, chunk);
             let (reason, expected, at) = parsed.pass_through.clone().expect("passes through");
             assert!(!expected && reason.contains("XBZRLE"), "{reason}");
+            assert_eq!(parsed.ending, Some(Ending::NotFollowed));
             assert_eq!(at as usize, head.len());
             assert_eq!(parsed.pages.len(), 1);
             assert_eq!(parsed.accounted, stream.len());
