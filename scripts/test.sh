@@ -17,9 +17,9 @@ fail() { printf '\n\033[1;31mFAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 # Debian packages the suite needs: a C/C++ toolchain for zstd, libFuzzer and the test guest's
 # workload; iproute2 (ip, tc) for the emulated links between network namespaces; QEMU, busybox
 # and cpio for the test guest that real migrations move; libvirt (daemon, QEMU driver, virsh)
-# for the `virsh migrate` tests.
+# for the `virsh migrate` tests; openssl for the certificates of the QEMU TLS tests.
 APT_PACKAGES=(build-essential pkg-config iproute2 qemu-system-x86 busybox-static cpio
-    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients openssl)
 
 install_packages() {
     local missing=()

@@ -15,7 +15,7 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -195,6 +195,9 @@ struct Sides<'a> {
     dst_params: Option<serde_json::Value>,
     /// Both shims stay up after a migration (no `--once`).
     stay_up: bool,
+    /// QEMU's own TLS between the two QEMUs, with the certificates in this directory
+    /// ([`tls_certificates`]).
+    tls: Option<&'a Path>,
 }
 
 /// Like [`setup_with`], with whatever differs between the hosts in `sides`.
@@ -211,6 +214,7 @@ fn setup_sides(
         dst_caps,
         dst_params,
         stay_up,
+        tls,
     } = sides;
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
@@ -218,6 +222,11 @@ fn setup_sides(
     let dst_sock = dir.join("dst.sock");
     let port = free_port();
     let mut dst = vm(&guest, &dir, "dst", Some("defer"), dirty_rate);
+    let mut params = params;
+    if let Some(certs) = tls {
+        add_tls_credentials(&mut dst, certs, "server");
+        params["tls-creds"] = json!("tls0");
+    }
     dst.capabilities(caps).unwrap();
     dst.parameters(params.clone()).unwrap();
     dst.capabilities(dst_caps).unwrap();
@@ -231,7 +240,12 @@ fn setup_sides(
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
     src.capabilities(caps).unwrap();
-    let mut params = params;
+    if let Some(certs) = tls {
+        add_tls_credentials(&mut src, certs, "client");
+        // The certificate names the destination "localhost"; over a unix socket QEMU needs
+        // the name it is to check.
+        params["tls-hostname"] = json!("localhost");
+    }
     if params.get("max-bandwidth").is_none() {
         params["max-bandwidth"] = json!(1u64 << 40);
     }
@@ -1017,4 +1031,143 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
             "a session of its own"
         );
     }
+}
+
+/// Makes a CA, a server certificate for "localhost" and a client certificate in `dir`, under
+/// the names QEMU's `tls-creds-x509` looks for, with the extensions GnuTLS checks.
+fn tls_certificates(dir: &Path) -> PathBuf {
+    let certs = dir.join("tls");
+    std::fs::create_dir_all(&certs).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&certs)
+            .output()
+            .expect("openssl runs (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-subj",
+        "/CN=pagestream test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    for (name, cn, extensions) in [
+        (
+            "server",
+            "localhost",
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n",
+        ),
+        (
+            "client",
+            "pagestream test client",
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=clientAuth\n",
+        ),
+    ] {
+        let (key, csr, cert, ext) = (
+            format!("{name}-key.pem"),
+            format!("{name}.csr"),
+            format!("{name}-cert.pem"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(certs.join(&ext), extensions).unwrap();
+        let subject = format!("/CN={cn}");
+        openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+            &subject,
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &cert,
+            "-extfile",
+            &ext,
+        ]);
+    }
+    certs
+}
+
+/// Gives `vm` TLS credentials `tls0` from `certs`, as `endpoint` ("server" or "client"): the
+/// destination checks the source's client certificate too.
+fn add_tls_credentials(vm: &mut QemuVm, certs: &Path, endpoint: &str) {
+    vm.qmp
+        .execute(
+            "object-add",
+            json!({
+                "qom-type": "tls-creds-x509",
+                "id": "tls0",
+                "dir": certs.display().to_string(),
+                "endpoint": endpoint,
+                "verify-peer": true,
+            }),
+        )
+        .unwrap();
+}
+
+/// QEMU's own TLS: the shims see only encrypted bytes, tell the channels apart by the order
+/// they come, and carry each opaque; the two QEMUs authenticate each other through them.
+#[test]
+fn a_tls_migration_is_carried_opaque() {
+    let scratch = Scratch::new("tls-certs");
+    let certs = tls_certificates(&scratch.0);
+    let sides = Sides {
+        tls: Some(&certs),
+        ..Sides::default()
+    };
+    let s = setup_sides("tls", &[("return-path", true)], json!({}), 2000, sides);
+    migrate_and_verify(s, &[OPAQUE, "QEMU's TLS encrypts the stream"], &[OPAQUE]);
+}
+
+/// The same with multifd: QEMU opens its channels only once the main channel's handshake is
+/// done, each encrypted too; the destination QEMU reads their ids inside TLS.
+#[test]
+fn a_tls_migration_with_multifd_is_carried_opaque() {
+    let scratch = Scratch::new("tls-multifd-certs");
+    let certs = tls_certificates(&scratch.0);
+    let sides = Sides {
+        tls: Some(&certs),
+        ..Sides::default()
+    };
+    let s = setup_sides(
+        "tls-multifd",
+        &[("multifd", true)],
+        json!({ "multifd-channels": 2 }),
+        2000,
+        sides,
+    );
+    let says = &[
+        OPAQUE,
+        "QEMU's TLS encrypts the stream",
+        "3 QEMU connection(s)",
+    ];
+    migrate_and_verify(s, says, &[OPAQUE, "3 QEMU connection(s)"]);
 }

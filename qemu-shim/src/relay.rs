@@ -367,6 +367,18 @@ impl Members {
         self.pid = self.pid.or(pid);
         Ok(())
     }
+
+    /// The kind of a connection that opened with a TLS handshake, which hides what it is. The
+    /// one that opens a session is the main channel: QEMU connects its multifd channels only
+    /// once the main channel's handshake is done. The others are multifd channels, numbered in
+    /// the order they come (the destination QEMU reads each one's real id inside TLS).
+    fn tls_kind(&self, opens_session: bool) -> StreamKind {
+        if opens_session {
+            StreamKind::Main
+        } else {
+            StreamKind::Multifd(u8::try_from(self.multifd.len()).unwrap_or(u8::MAX))
+        }
+    }
 }
 
 impl Session {
@@ -721,21 +733,31 @@ const ECHO_GRACE: Duration = Duration::from_millis(250);
 
 /// Reads the first bytes of a QEMU connection and says what it is. Returns the bytes read, which
 /// must be forwarded first.
-fn classify(conn: &mut Conn) -> Result<(StreamKind, Vec<u8>), String> {
+/// What a QEMU connection's first bytes say it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Opening {
+    Plain(StreamKind),
+    /// A TLS handshake (QEMU's `tls-creds`): which channel it is, only the order tells.
+    Tls,
+}
+
+fn classify(conn: &mut Conn) -> Result<(Opening, Vec<u8>), String> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     let mut head = vec![0u8; 4];
     conn.read_exact(&mut head)
         .map_err(|e| format!("QEMU sent no stream header ({e})"))?;
     let kind = if head == b"QEVM" {
-        StreamKind::Main
+        Opening::Plain(StreamKind::Main)
     } else if u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) == crate::multifd::MAGIC {
         // be32 version, 16-byte uuid, then the channel id.
         let mut rest = vec![0u8; 21];
         conn.read_exact(&mut rest)
             .map_err(|e| format!("truncated multifd header ({e})"))?;
         head.extend_from_slice(&rest);
-        StreamKind::Multifd(head[24])
+        Opening::Plain(StreamKind::Multifd(head[24]))
+    } else if is_tls_handshake(&head) {
+        Opening::Tls
     } else {
         return Err(format!(
             "not a QEMU migration stream (it starts with {:02x?})",
@@ -744,6 +766,13 @@ fn classify(conn: &mut Conn) -> Result<(StreamKind, Vec<u8>), String> {
     };
     conn.set_read_timeout(None).map_err(|e| e.to_string())?;
     Ok((kind, head))
+}
+
+/// Whether `head` starts a TLS record of the handshake (content type 22, protocol version
+/// 3.x: SSL 3.0 to TLS 1.3, whose records all say 3.1 to 3.3), as QEMU's `tls-creds` open a
+/// migration connection.
+fn is_tls_handshake(head: &[u8]) -> bool {
+    matches!(head, [0x16, 0x03, 0x00..=0x04, ..])
 }
 
 fn random_id() -> [u8; 16] {
@@ -788,7 +817,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
         let (config, current, done_tx) = (config.clone(), current.clone(), done_tx.clone());
         std::thread::spawn(move || {
             let mut conn = conn;
-            let (kind, prefix) = match classify(&mut conn) {
+            let (opening, prefix) = match classify(&mut conn) {
                 Ok(c) => c,
                 Err(why) => {
                     (config.log)(&format!("source shim: refused a connection: {why}"));
@@ -801,11 +830,17 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             // connection that cannot be this migration's is closed, which fails its QEMU's
             // migration at once.
             let pid = conn.peer_pid();
-            let session = {
+            let (session, kind) = {
                 let mut current = current.lock().expect("not poisoned");
                 match current.as_ref() {
                     Some(s) if !s.main_done.load(Ordering::SeqCst) && s.failed().is_none() => {
-                        let admitted = s.members.lock().expect("not poisoned").admit(kind, pid);
+                        let mut members = s.members.lock().expect("not poisoned");
+                        let kind = match opening {
+                            Opening::Plain(kind) => kind,
+                            Opening::Tls => members.tls_kind(false),
+                        };
+                        let admitted = members.admit(kind, pid);
+                        drop(members);
                         if let Err(why) = admitted {
                             (config.log)(&format!(
                                 "source shim: refused a connection: {why}; a shim pair carries \
@@ -814,15 +849,21 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                             ));
                             return;
                         }
-                        s.clone()
+                        (s.clone(), kind)
                     }
                     _ => {
                         let s = Session::new(random_id());
-                        let admitted = s.members.lock().expect("not poisoned").admit(kind, pid);
+                        let mut members = s.members.lock().expect("not poisoned");
+                        let kind = match opening {
+                            Opening::Plain(kind) => kind,
+                            Opening::Tls => members.tls_kind(true),
+                        };
+                        let admitted = members.admit(kind, pid);
+                        drop(members);
                         debug_assert!(admitted.is_ok(), "a new session takes any connection");
                         *current = Some(s.clone());
                         progress(s.clone(), "source", config.log.clone());
-                        s
+                        (s, kind)
                     }
                 }
             };
@@ -830,7 +871,11 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             session.opened();
             let result = (|| -> Result<(), String> {
                 let mut prefix = prefix;
-                if main && config.mode == Mode::Auto {
+                if main && opening == Opening::Tls {
+                    *session.mode.lock().expect("not poisoned") = Some(format!(
+                        "{OPAQUE_MODE}: QEMU's TLS encrypts the stream between the two QEMUs"
+                    ));
+                } else if main && config.mode == Mode::Auto {
                     match parsed::source_main(
                         conn.try_clone().map_err(|e| e.to_string())?,
                         prefix,
@@ -1224,6 +1269,28 @@ mod tests {
         let err = m.admit(StreamKind::Multifd(0), None).unwrap_err();
         assert!(err.contains("second multifd channel 0"), "{err}");
         m.admit(StreamKind::Multifd(1), None).unwrap();
+    }
+
+    #[test]
+    fn tls_connections_are_told_apart_by_their_order() {
+        // A ClientHello record (TLS 1.0 to 1.3 all write 3.1 in the record layer), and the
+        // plain openings that are not one.
+        assert!(is_tls_handshake(&[0x16, 0x03, 0x01, 0x02]));
+        assert!(is_tls_handshake(&[0x16, 0x03, 0x03, 0x00]));
+        assert!(!is_tls_handshake(b"QEVM"));
+        assert!(!is_tls_handshake(&crate::multifd::MAGIC.to_be_bytes()));
+        assert!(!is_tls_handshake(&[0x17, 0x03, 0x03, 0x00]));
+        let mut m = Members::default();
+        let main = m.tls_kind(true);
+        assert_eq!(main, StreamKind::Main);
+        m.admit(main, Some(7)).unwrap();
+        for id in 0..3 {
+            let kind = m.tls_kind(false);
+            assert_eq!(kind, StreamKind::Multifd(id));
+            m.admit(kind, Some(7)).unwrap();
+        }
+        // Another QEMU's encrypted connection is refused like any other.
+        assert!(m.admit(m.tls_kind(false), Some(8)).is_err());
     }
 
     #[test]
