@@ -70,7 +70,8 @@ const BLOB_BYTES_THEN_PAGES: u8 = 4;
 /// First byte of a blob: the source QEMU ended its stream before the end of its migration
 /// ([`stream::Ending::Early`]), and why, in words. The destination still hands its QEMU every
 /// byte (QEMU fails on the cut stream as it would without the shims), then reports the
-/// migration failed for this reason rather than complete.
+/// migration failed for this reason rather than complete (`Session::unfinished`: nothing is
+/// shut down, so that both return paths end in order and no echo of a failure hides why).
 const BLOB_ENDED_EARLY: u8 = 5;
 
 /// Why a migration whose stream ended early failed, as both shims report it.
@@ -481,12 +482,13 @@ pub(crate) fn source_main(
         .store(summary.stats.wire_bytes() + blob_bytes, Ordering::Relaxed);
     *session.pages.lock().expect("not poisoned") = Some(summary.stats.classes);
     *session.mode.lock().expect("not poisoned") = Some(mode);
+    // Every byte was carried, but the migration did not end: not a completed one. Said
+    // before the return path winds down, and without shutting anything down.
+    if ended_early {
+        session.unfinished(ENDED_EARLY.into());
+    }
     back.join()
         .unwrap_or_else(|_| Err("the return-path thread panicked".into()))?;
-    // Every byte was carried, but the migration did not end: not a completed one.
-    if ended_early {
-        return Err(ENDED_EARLY.into());
-    }
     Ok(SourceOutcome::Carried)
 }
 
@@ -1274,10 +1276,10 @@ pub(crate) fn destination_main(
         ));
     }
     *session.mode.lock().expect("not poisoned") = Some(mode);
-    match rebuild.ended_early.take() {
-        Some(why) => Err(why),
-        None => Ok(()),
+    if let Some(why) = rebuild.ended_early.take() {
+        session.unfinished(why);
     }
+    Ok(())
 }
 
 /// Relays the destination QEMU's return path back to the source shim.

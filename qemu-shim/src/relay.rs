@@ -315,6 +315,10 @@ pub(crate) struct Session {
     /// Its summary was printed and handed on.
     reported: AtomicBool,
     error: Mutex<Option<String>>,
+    /// Why a migration whose every byte was carried did not end (its stream ended early). It
+    /// fails the summary like an error, unless an error came first, but shuts nothing down:
+    /// the session winds down in order, return path included.
+    unfinished: Mutex<Option<String>>,
     /// Sockets to shut down if the migration fails.
     kill: Mutex<Vec<Box<dyn Fn() + Send>>>,
     /// How the main channel was carried and why; opaque when unset.
@@ -398,6 +402,7 @@ impl Session {
             main_done: AtomicBool::new(false),
             reported: AtomicBool::new(false),
             error: Mutex::new(None),
+            unfinished: Mutex::new(None),
             kill: Mutex::new(Vec::new()),
             mode: Mutex::new(None),
             pages: Mutex::new(None),
@@ -517,8 +522,22 @@ impl Session {
             },
             verified: self.verified.load(Ordering::Relaxed) as u32,
             pages: *self.pages.lock().expect("not poisoned"),
-            error: self.error.lock().expect("not poisoned").clone(),
+            error: self
+                .error
+                .lock()
+                .expect("not poisoned")
+                .clone()
+                .or_else(|| self.unfinished.lock().expect("not poisoned").clone()),
         }
+    }
+
+    /// Records that the migration did not end although everything was carried (see
+    /// `unfinished`).
+    pub(crate) fn unfinished(&self, why: String) {
+        self.unfinished
+            .lock()
+            .expect("not poisoned")
+            .get_or_insert(why);
     }
 
     /// A connection of the session that is not one of QEMU's (parsing mode's return path): the
