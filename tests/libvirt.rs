@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, Scratch, read_log, workspace};
+use common::{Proc, Scratch, read_log, tls_certificates, workspace};
 use pagestream_benches::netns::LinkPair;
 use pagestream_qemu_shim::vm::Guest;
 
@@ -61,6 +61,7 @@ impl LibvirtHost {
         sock_dir: &Path,
         host_uuid: &str,
         listen: Option<Ipv4Addr>,
+        tls_certs: Option<&Path>,
     ) -> Self {
         let root = scratch.join(name);
         for (dir, mount_point) in LIBVIRT_DIRS {
@@ -86,13 +87,18 @@ impl LibvirtHost {
         .unwrap();
         // QEMU as root with no confinement and no cgroups: the test machines have neither
         // systemd nor a security module profile for it. Logs to files, not to virtlogd.
-        std::fs::write(
-            root.join("etc/qemu.conf"),
-            "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\n\
-             security_driver = \"none\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n\
-             stdio_handler = \"file\"\n",
-        )
-        .unwrap();
+        let mut qemu_conf = "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\n\
+             remember_owner = 0\nsecurity_driver = \"none\"\ncgroup_controllers = [ ]\n\
+             namespaces = [ ]\nstdio_handler = \"file\"\n"
+            .to_string();
+        if let Some(certs) = tls_certs {
+            // `virsh migrate --tls`: QEMU's TLS with these certificates, checked both ways.
+            qemu_conf += &format!(
+                "migrate_tls_x509_cert_dir = \"{}\"\nmigrate_tls_x509_verify = 1\n",
+                certs.display()
+            );
+        }
+        std::fs::write(root.join("etc/qemu.conf"), qemu_conf).unwrap();
         let mut host = LibvirtHost {
             name,
             ns: ns.to_string(),
@@ -365,16 +371,35 @@ fn migrate_without_destination_shim(
     );
 }
 
-/// Migrates a libvirt domain between two libvirt hosts through the shims, with `virsh migrate
-/// --live --p2p` and `virsh_args`; the shims must report parsing mode and `connections` QEMU
-/// connections. With `destination_shim_late`, a first attempt is made before the destination shim
-/// runs: it must fail and leave the domain running at the source.
-fn migrate_with_virsh(
-    name: &str,
-    virsh_args: &[&str],
+/// One `virsh migrate` through the shims, and what the shims must report of it.
+#[derive(Default)]
+struct VirshCase<'a> {
+    /// Names the test's scratch directory.
+    name: &'a str,
+    /// Beside `--live --p2p`.
+    virsh_args: &'a [&'a str],
+    /// Both libvirt daemons configured for `--tls`, with certificates the test makes.
+    tls: bool,
+    /// The start of the mode both shims report.
+    mode: &'a str,
+    /// QEMU connections the shims carried.
     connections: u64,
+    /// A first attempt is made before the destination shim runs: it must fail and leave the
+    /// domain running at the source.
     destination_shim_late: bool,
-) {
+}
+
+/// Migrates a libvirt domain between two libvirt hosts through the shims, with `virsh migrate
+/// --live --p2p` and the case's arguments, and checks what an operator would.
+fn migrate_with_virsh(case: VirshCase<'_>) {
+    let VirshCase {
+        name,
+        virsh_args,
+        tls,
+        mode,
+        connections,
+        destination_shim_late,
+    } = case;
     let pair = LinkPair::create("1gbit", 256 << 10).expect("two network namespaces (root)");
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
@@ -388,6 +413,7 @@ fn migrate_with_virsh(
         .unwrap();
     std::fs::write(&key, secret).unwrap();
     let key = key.display().to_string();
+    let certs = tls.then(|| tls_certificates(dir));
 
     let src = LibvirtHost::start(
         "src",
@@ -396,6 +422,7 @@ fn migrate_with_virsh(
         &sock_dir,
         "6d1b7f1e-0a5c-4c1e-9d59-5f0c3e6b7a01",
         None,
+        certs.as_deref(),
     );
     let dst = LibvirtHost::start(
         "dst",
@@ -404,6 +431,7 @@ fn migrate_with_virsh(
         &sock_dir,
         "6d1b7f1e-0a5c-4c1e-9d59-5f0c3e6b7a02",
         Some(pair.dst_addr),
+        certs.as_deref(),
     );
     let console = dir.join("console.log");
     let xml = dir.join("domain.xml");
@@ -520,8 +548,11 @@ fn migrate_with_virsh(
     let sent = sent.last().unwrap();
     for (side, summary) in [("source", sent), ("destination", &received[0])] {
         assert_eq!(summary["completed"], true, "{side}: {summary}");
-        let mode = summary["mode"].as_str().unwrap_or_default();
-        assert!(mode.starts_with("parsing"), "{side}: {mode}");
+        let said = summary["mode"].as_str().unwrap_or_default();
+        assert!(said.starts_with(mode), "{side}: {said}");
+        if tls && side == "source" {
+            assert!(said.contains("QEMU's TLS"), "the source saw TLS: {said}");
+        }
         assert_eq!(
             summary["qemu_connections"], connections,
             "{side}: {summary}"
@@ -537,7 +568,13 @@ fn migrate_with_virsh(
 
 #[test]
 fn virsh_migrate_p2p_runs_through_the_shims() {
-    migrate_with_virsh("libvirt", &[], 1, true);
+    migrate_with_virsh(VirshCase {
+        name: "libvirt",
+        mode: "parsing",
+        connections: 1,
+        destination_shim_late: true,
+        ..VirshCase::default()
+    });
 }
 
 /// `--parallel`: libvirt turns multifd on at both QEMUs and the source QEMU opens its two
@@ -545,10 +582,26 @@ fn virsh_migrate_p2p_runs_through_the_shims() {
 /// channel opaque on a link of its own.
 #[test]
 fn virsh_migrate_parallel_runs_through_the_shims() {
-    migrate_with_virsh(
-        "libvirt-parallel",
-        &["--parallel", "--parallel-connections", "2"],
-        3,
-        false,
-    );
+    migrate_with_virsh(VirshCase {
+        name: "libvirt-parallel",
+        virsh_args: &["--parallel", "--parallel-connections", "2"],
+        mode: "parsing",
+        connections: 3,
+        ..VirshCase::default()
+    });
+}
+
+/// `--tls`: libvirt gives both QEMUs its TLS credentials, the QEMUs authenticate each other
+/// through the shims, and the shims carry the encrypted stream opaque. Over a unix socket
+/// libvirt needs the name in the destination's certificate (`--tls-destination`).
+#[test]
+fn virsh_migrate_tls_runs_through_the_shims_opaque() {
+    migrate_with_virsh(VirshCase {
+        name: "libvirt-tls",
+        virsh_args: &["--tls", "--tls-destination", "localhost"],
+        tls: true,
+        mode: "opaque",
+        connections: 1,
+        ..VirshCase::default()
+    });
 }

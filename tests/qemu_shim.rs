@@ -15,11 +15,11 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, Scratch, read_log, wait_exit, workspace};
+use common::{Proc, Scratch, read_log, tls_certificates, wait_exit, workspace};
 use pagestream_benches::netns::LinkPair;
 use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
 use serde_json::json;
@@ -1031,89 +1031,6 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
             "a session of its own"
         );
     }
-}
-
-/// Makes a CA, a server certificate for "localhost" and a client certificate in `dir`, under
-/// the names QEMU's `tls-creds-x509` looks for, with the extensions GnuTLS checks.
-fn tls_certificates(dir: &Path) -> PathBuf {
-    let certs = dir.join("tls");
-    std::fs::create_dir_all(&certs).unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&certs)
-            .output()
-            .expect("openssl runs (scripts/test.sh installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-subj",
-        "/CN=pagestream test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    for (name, cn, extensions) in [
-        (
-            "server",
-            "localhost",
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n",
-        ),
-        (
-            "client",
-            "pagestream test client",
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage=clientAuth\n",
-        ),
-    ] {
-        let (key, csr, cert, ext) = (
-            format!("{name}-key.pem"),
-            format!("{name}.csr"),
-            format!("{name}-cert.pem"),
-            format!("{name}.ext"),
-        );
-        std::fs::write(certs.join(&ext), extensions).unwrap();
-        let subject = format!("/CN={cn}");
-        openssl(&[
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-            &subject,
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &cert,
-            "-extfile",
-            &ext,
-        ]);
-    }
-    certs
 }
 
 /// Gives `vm` TLS credentials `tls0` from `certs`, as `endpoint` ("server" or "client"): the
