@@ -520,6 +520,40 @@ fn a_postcopy_capable_stream_is_carried_opaque() {
     );
 }
 
+/// A migration switched to postcopy midway (QMP `migrate-start-postcopy`, what `virsh
+/// migrate-postcopy` sends): the destination QEMU takes over and asks for pages over the
+/// return path, which the shims carry back, while the source pushes the rest.
+#[test]
+fn a_migration_switched_to_postcopy_completes_through_the_shim() {
+    let mut s = setup("postcopy-switch", &[("postcopy-ram", true)], json!({}));
+    let src_sock = s.scratch.0.join("src.sock");
+    s.src
+        .migrate(&format!("unix:{}", src_sock.display()))
+        .unwrap();
+    wait_under_way(&mut s.src, 8 << 20);
+    s.src
+        .qmp
+        .execute("migrate-start-postcopy", json!({}))
+        .unwrap();
+    // It did switch: postcopy lasts until the source has pushed every page left.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = s.src.qmp.execute("query-migrate", json!({})).unwrap();
+        match info["status"].as_str().unwrap_or_default() {
+            "postcopy-active" => break,
+            "active" | "device" if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => panic!("the migration never switched to postcopy: {info}"),
+        }
+    }
+    verify_migration(
+        s,
+        &["mode opaque (the main channel's stream cannot be parsed: postcopy"],
+        &[OPAQUE],
+    );
+}
+
 #[test]
 fn migrates_opaque_with_zstd_and_lz4_and_a_busy_guest() {
     for compression in ["zstd", "lz4"] {
