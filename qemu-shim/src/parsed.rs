@@ -464,14 +464,17 @@ pub(crate) fn source_main(
         .send_blob(out.generation, &note)
         .map_err(|e| full_message(&e))?;
     let mut blob_bytes = out.blob_bytes + note.len() as u64;
-    let ended_early = ending == stream::Ending::Early;
-    if ended_early {
+    if ending == stream::Ending::Early {
+        // Every byte was carried, but the migration did not end: not a completed one, on
+        // either side. Said without shutting anything down, so that the return paths wind
+        // down in order.
         let mut note = vec![BLOB_ENDED_EARLY];
         note.extend_from_slice(ENDED_EARLY.as_bytes());
         out.sender
             .send_blob(out.generation, &note)
             .map_err(|e| full_message(&e))?;
         blob_bytes += note.len() as u64;
+        session.unfinished(ENDED_EARLY.into());
     }
     let summary = out
         .sender
@@ -482,11 +485,6 @@ pub(crate) fn source_main(
         .store(summary.stats.wire_bytes() + blob_bytes, Ordering::Relaxed);
     *session.pages.lock().expect("not poisoned") = Some(summary.stats.classes);
     *session.mode.lock().expect("not poisoned") = Some(mode);
-    // Every byte was carried, but the migration did not end: not a completed one. Said
-    // before the return path winds down, and without shutting anything down.
-    if ended_early {
-        session.unfinished(ENDED_EARLY.into());
-    }
     back.join()
         .unwrap_or_else(|_| Err("the return-path thread panicked".into()))?;
     Ok(SourceOutcome::Carried)

@@ -372,15 +372,18 @@ impl Members {
         Ok(())
     }
 
-    /// The kind of a connection that opened with a TLS handshake, which hides what it is. The
-    /// one that opens a session is the main channel: QEMU connects its multifd channels only
-    /// once the main channel's handshake is done. The others are multifd channels, numbered in
-    /// the order they come (the destination QEMU reads each one's real id inside TLS).
-    fn tls_kind(&self, opens_session: bool) -> StreamKind {
-        if opens_session {
-            StreamKind::Main
-        } else {
-            StreamKind::Multifd(u8::try_from(self.multifd.len()).unwrap_or(u8::MAX))
+    /// The kind of a connection that opened as `opening`. A TLS handshake hides what it is:
+    /// the one that opens a session is the main channel (QEMU connects its multifd channels
+    /// only once the main channel's handshake is done), the others are multifd channels,
+    /// numbered in the order they come (the destination QEMU reads each one's real id inside
+    /// TLS).
+    fn kind_of(&self, opening: Opening, opens_session: bool) -> StreamKind {
+        match opening {
+            Opening::Plain(kind) => kind,
+            Opening::Tls if opens_session => StreamKind::Main,
+            Opening::Tls => {
+                StreamKind::Multifd(u8::try_from(self.multifd.len()).unwrap_or(u8::MAX))
+            }
         }
     }
 }
@@ -750,8 +753,6 @@ impl Listener {
 /// How long a failure that is probably the echo of another waits before it is recorded.
 const ECHO_GRACE: Duration = Duration::from_millis(250);
 
-/// Reads the first bytes of a QEMU connection and says what it is. Returns the bytes read, which
-/// must be forwarded first.
 /// What a QEMU connection's first bytes say it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Opening {
@@ -760,6 +761,8 @@ enum Opening {
     Tls,
 }
 
+/// Reads the first bytes of a QEMU connection and says what it is. Returns the bytes read, which
+/// must be forwarded first.
 fn classify(conn: &mut Conn) -> Result<(Opening, Vec<u8>), String> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
@@ -854,10 +857,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                 match current.as_ref() {
                     Some(s) if !s.main_done.load(Ordering::SeqCst) && s.failed().is_none() => {
                         let mut members = s.members.lock().expect("not poisoned");
-                        let kind = match opening {
-                            Opening::Plain(kind) => kind,
-                            Opening::Tls => members.tls_kind(false),
-                        };
+                        let kind = members.kind_of(opening, false);
                         let admitted = members.admit(kind, pid);
                         drop(members);
                         if let Err(why) = admitted {
@@ -873,10 +873,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                     _ => {
                         let s = Session::new(random_id());
                         let mut members = s.members.lock().expect("not poisoned");
-                        let kind = match opening {
-                            Opening::Plain(kind) => kind,
-                            Opening::Tls => members.tls_kind(true),
-                        };
+                        let kind = members.kind_of(opening, true);
                         let admitted = members.admit(kind, pid);
                         drop(members);
                         debug_assert!(admitted.is_ok(), "a new session takes any connection");
@@ -1300,16 +1297,19 @@ mod tests {
         assert!(!is_tls_handshake(&crate::multifd::MAGIC.to_be_bytes()));
         assert!(!is_tls_handshake(&[0x17, 0x03, 0x03, 0x00]));
         let mut m = Members::default();
-        let main = m.tls_kind(true);
+        let main = m.kind_of(Opening::Tls, true);
         assert_eq!(main, StreamKind::Main);
         m.admit(main, Some(7)).unwrap();
         for id in 0..3 {
-            let kind = m.tls_kind(false);
+            let kind = m.kind_of(Opening::Tls, false);
             assert_eq!(kind, StreamKind::Multifd(id));
             m.admit(kind, Some(7)).unwrap();
         }
         // Another QEMU's encrypted connection is refused like any other.
-        assert!(m.admit(m.tls_kind(false), Some(8)).is_err());
+        assert!(m.admit(m.kind_of(Opening::Tls, false), Some(8)).is_err());
+        // Plain connections say what they are, whatever the order.
+        let plain = Opening::Plain(StreamKind::Multifd(9));
+        assert_eq!(m.kind_of(plain, true), StreamKind::Multifd(9));
     }
 
     #[test]
