@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, Scratch, read_log, tls_certificates, workspace};
+use common::{
+    Proc, Scratch, json_summaries, read_log, tls_certificates, wait_listening, workspace,
+};
 use pagestream_benches::netns::LinkPair;
 use pagestream_qemu_shim::vm::Guest;
 
@@ -313,15 +315,6 @@ fn wait_tick(console: &Path, tick: u64, timeout: Duration) -> bool {
     false
 }
 
-/// Every summary a shim wrote with `--summary-json`, in order.
-fn json_summaries(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a summary is one JSON object per line"))
-        .collect()
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -352,7 +345,7 @@ fn migrate_without_destination_shim(
         None,
         "nothing left at the destination"
     );
-    let summaries = json_summaries(send_json);
+    let summaries = json_summaries(send_json, 1);
     assert_eq!(
         summaries.len(),
         1,
@@ -470,11 +463,8 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         ],
         &dir.join("send.log"),
     );
-    let seen_from_outside = src.root.join("sock/migrate.sock");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !seen_from_outside.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The source host's socket, as seen from outside its mounts.
+    wait_listening(&src.root.join("sock/migrate.sock"));
     let dest_uri = format!("qemu+tcp://{}/system", pair.dst_addr);
     let migrate_uri = format!("unix://{}", sock.display());
     let migrate = || {
@@ -537,8 +527,8 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         read_log(dir, "console.log")
     );
 
-    let sent = json_summaries(&send_json);
-    let received = json_summaries(&recv_json);
+    let sent = json_summaries(&send_json, 1 + usize::from(destination_shim_late));
+    let received = json_summaries(&recv_json, 1);
     assert_eq!(
         sent.len(),
         1 + usize::from(destination_shim_late),

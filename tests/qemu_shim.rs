@@ -19,7 +19,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, Scratch, read_log, tls_certificates, wait_exit, workspace};
+use common::{
+    Proc, Scratch, json_summaries, read_log, tls_certificates, wait_exit, wait_listening, workspace,
+};
 use pagestream_benches::netns::LinkPair;
 use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
 use serde_json::json;
@@ -76,14 +78,6 @@ fn shims(
     let send = shim(&args, &dir.join("send.log"));
     wait_listening(&dir.join("src.sock"));
     (recv, send)
-}
-
-/// Waits (a while) for the source shim to listen: its socket exists once it does.
-fn wait_listening(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until the migration of `src` has sent `bytes`, while it is still under way: whatever
@@ -965,22 +959,6 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
     );
 }
 
-/// Every summary a shim has written with `--summary-json` to `dir/name`, once there are
-/// `count` (waiting up to 30 s for them).
-fn json_summaries(dir: &Path, name: &str, count: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = read_log(dir, name);
-        if text.lines().count() >= count || Instant::now() >= deadline {
-            return text
-                .lines()
-                .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
-                .collect();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// An operator cancels a migration midway (QMP `migrate_cancel`, what `virsh domjobabort`
 /// sends): the source QEMU reports it cancelled and its VM runs on, the destination QEMU gives
 /// up, both shims report the migration failed and stay up, and the next migration, into a new
@@ -1009,7 +987,7 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
         ("send.json", "source shim", "send.log"),
         ("recv.json", "destination shim", "recv.log"),
     ] {
-        let summaries = json_summaries(&dir, json, 1);
+        let summaries = json_summaries(&dir.join(json), 1);
         assert_eq!(summaries.len(), 1, "{side}: {}", read_log(&dir, log));
         assert_eq!(summaries[0]["side"], side);
         assert_eq!(summaries[0]["completed"], false, "{}", summaries[0]);
@@ -1055,7 +1033,7 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
     let b = memory(&mut dst, &dir.join("dst.mem"));
     check_identical(&a, &b, "between source and destination").unwrap();
     for json in ["send.json", "recv.json"] {
-        let summaries = json_summaries(&dir, json, 2);
+        let summaries = json_summaries(&dir.join(json), 2);
         assert_eq!(summaries.len(), 2, "{json}: {summaries:?}");
         let next = &summaries[1];
         assert_eq!(next["completed"], true, "{next}");

@@ -53,6 +53,31 @@ pub fn wait_exit(p: &mut Proc, timeout: Duration) -> Option<std::process::ExitSt
     None
 }
 
+/// Waits (a while) for a shim to listen on the unix socket `sock`: it exists once it does.
+pub fn wait_listening(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every summary a shim has appended with `--summary-json` to `path`, once there are `count`
+/// of them: a shim writes its summary as its session ends, which may be a moment after QEMU
+/// (or virsh) has said how the migration went. Waits up to 30 s, then returns what there is.
+pub fn json_summaries(path: &Path, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= count || Instant::now() >= deadline {
+            return text
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+                .collect();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `dir/name`'s text, empty if it does not exist (yet).
 pub fn read_log(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
