@@ -287,8 +287,9 @@ fn migrate_and_verify(mut s: Setup, send_says: &[&str], recv_says: &[&str]) {
     verify_migration(s, send_says, recv_says);
 }
 
-/// The checks of [`migrate_and_verify`], for a migration already under way.
-fn verify_migration(mut s: Setup, send_says: &[&str], recv_says: &[&str]) {
+/// The checks of [`migrate_and_verify`], for a migration already under way. Returns the source
+/// QEMU's last `query-migrate`.
+fn verify_migration(mut s: Setup, send_says: &[&str], recv_says: &[&str]) -> serde_json::Value {
     let info = s.src.wait_migration(Duration::from_secs(180)).unwrap();
     assert_eq!(
         info["status"],
@@ -362,6 +363,7 @@ fn verify_migration(mut s: Setup, send_says: &[&str], recv_says: &[&str]) {
             Duration::from_secs(60),
         )
         .unwrap();
+    info
 }
 
 /// What a summary says of parsing mode.
@@ -519,7 +521,70 @@ fn a_postcopy_capable_stream_is_carried_opaque() {
 /// return path, which the shims carry back, while the source pushes the rest.
 #[test]
 fn a_migration_switched_to_postcopy_completes_through_the_shim() {
-    let mut s = setup("postcopy-switch", &[("postcopy-ram", true)], json!({}));
+    let s = setup("postcopy-switch", &[("postcopy-ram", true)], json!({}));
+    let s = switch_to_postcopy(s);
+    verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, "1 QEMU connection(s)"]);
+}
+
+/// The same with `postcopy-preempt`: the source QEMU also opens a connection that it says
+/// nothing on until postcopy needs it, and the destination QEMU waits for it before loading.
+#[test]
+fn a_postcopy_preempt_migration_completes_through_the_shim() {
+    let s = setup("postcopy-preempt", PREEMPT_CAPS, json!({}));
+    let s = switch_to_postcopy(s);
+    verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, "2 QEMU connection(s)"]);
+}
+
+/// postcopy-preempt with a destination that runs as soon as postcopy starts: its guest touches
+/// pages that have not come yet (it writes fast, and postcopy's bandwidth is capped), asks for
+/// them over the return path, and the source sends them on the preempt connection.
+#[test]
+fn a_running_destination_gets_the_pages_it_asks_for_over_postcopy_preempt() {
+    let params = json!({"max-postcopy-bandwidth": 32u64 << 20});
+    let mut s = setup_with("postcopy-ask", PREEMPT_CAPS, params, &[], 20_000);
+    // `cont` before the migration: the destination runs once postcopy starts.
+    s.dst.resume().unwrap();
+    let mut s = switch_to_postcopy(s);
+    let info = s.src.wait_migration(Duration::from_secs(180)).unwrap();
+    assert_eq!(info["status"], "completed", "{info}");
+    let requests = info["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
+    assert!(requests > 0, "the destination asked for no page: {info}");
+    let dir = s.scratch.0.clone();
+    for (p, name, json, side) in [
+        (&mut s.send, "send.log", "send.json", "source shim"),
+        (&mut s.recv, "recv.log", "recv.json", "destination shim"),
+    ] {
+        let status = wait_exit(p, Duration::from_secs(20)).expect("shim exits after --once");
+        assert!(status.success(), "{name}: {}", read_log(&dir, name));
+        let summary = json_summary(&dir, json, side);
+        assert_eq!(summary["completed"], true, "{summary}");
+        // Both connections, each checked end to end against the sender's digest.
+        assert_eq!(summary["qemu_connections"], 2, "{summary}");
+        assert_eq!(summary["verified_streams"], 2, "{summary}");
+    }
+    assert_eq!(s.dst.status().unwrap(), "running");
+    let ticks = s
+        .dst
+        .console_text()
+        .matches("pagestream-workload tick")
+        .count();
+    s.dst
+        .wait_console(
+            "pagestream-workload tick",
+            ticks + 2,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+}
+
+const PREEMPT_CAPS: &[(&str, bool)] = &[("postcopy-ram", true), ("postcopy-preempt", true)];
+
+/// What the source shim says of a postcopy migration.
+const POSTCOPY_SAYS: &[&str] =
+    &["mode opaque (the main channel's stream cannot be parsed: postcopy"];
+
+/// Starts migrating and switches to postcopy once it is under way.
+fn switch_to_postcopy(mut s: Setup) -> Setup {
     let src_sock = s.scratch.0.join("src.sock");
     s.src
         .migrate(&format!("unix:{}", src_sock.display()))
@@ -534,18 +599,13 @@ fn a_migration_switched_to_postcopy_completes_through_the_shim() {
     loop {
         let info = s.src.qmp.execute("query-migrate", json!({})).unwrap();
         match info["status"].as_str().unwrap_or_default() {
-            "postcopy-active" => break,
+            "postcopy-active" => return s,
             "active" | "device" if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
             _ => panic!("the migration never switched to postcopy: {info}"),
         }
     }
-    verify_migration(
-        s,
-        &["mode opaque (the main channel's stream cannot be parsed: postcopy"],
-        &[OPAQUE],
-    );
 }
 
 #[test]

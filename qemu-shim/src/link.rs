@@ -153,6 +153,10 @@ pub enum StreamKind {
     Pages,
     /// Parsing mode: the main channel's return path, from the destination QEMU back.
     ReturnPath,
+    /// The connection QEMU opens without announcing it: `postcopy-preempt`'s channel, silent
+    /// until postcopy asks for pages. The destination QEMU knows it by its order (after the main
+    /// channel).
+    Unannounced,
 }
 
 /// What a link is for.
@@ -313,6 +317,7 @@ pub fn connect_handshake(
         StreamKind::Multifd(id) => rest.extend_from_slice(&[2, id]),
         StreamKind::Pages => rest.extend_from_slice(&[3, 0]),
         StreamKind::ReturnPath => rest.extend_from_slice(&[4, 0]),
+        StreamKind::Unannounced => rest.extend_from_slice(&[5, 0]),
     }
     stream.write_all(&rest)?;
     stream.flush()?;
@@ -395,6 +400,7 @@ pub fn accept_handshake<T>(
         [2, id] => StreamKind::Multifd(id),
         [3, _] => StreamKind::Pages,
         [4, _] => StreamKind::ReturnPath,
+        [5, _] => StreamKind::Unannounced,
         other => {
             refuse(stream, "unknown stream kind")?;
             return Err(LinkError::Protocol(format!(

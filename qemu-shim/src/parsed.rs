@@ -408,6 +408,7 @@ pub(crate) fn source_main(
     .map_err(|e| format!("cannot open the page transport: {}", full_message(&e)))?;
     let channels = sender.channels();
     // Said now, so that a migration that fails midway reports the mode it ran in.
+    session.parsing.store(true, Ordering::SeqCst);
     *session.mode.lock().expect("not poisoned") = Some(mode_text(channels, sender.backend(), None));
     let back = source_return_path(&qemu, session, config, to)?;
     {

@@ -331,6 +331,9 @@ pub(crate) struct Session {
     pub(crate) qemu_main: Mutex<Option<Conn>>,
     /// Source: the QEMU connections taken so far.
     members: Mutex<Members>,
+    /// Source: the main channel runs in parsing mode. Its stream showed no postcopy, so its QEMU
+    /// opens no [`StreamKind::Unannounced`] connection.
+    pub(crate) parsing: AtomicBool,
 }
 
 /// The QEMU connections a source session took: whose they are, and which. A source shim
@@ -342,6 +345,7 @@ struct Members {
     pid: Option<u32>,
     main: bool,
     multifd: std::collections::BTreeSet<u8>,
+    unannounced: bool,
 }
 
 impl Members {
@@ -366,6 +370,14 @@ impl Members {
                     "a second multifd channel {id}: another QEMU is migrating"
                 ));
             }
+            StreamKind::Unannounced if self.unannounced => {
+                return Err(
+                    "a second connection that does not say what it is (QEMU opens one, for \
+                     postcopy-preempt)"
+                        .into(),
+                );
+            }
+            StreamKind::Unannounced => self.unannounced = true,
             _ => {}
         }
         self.pid = self.pid.or(pid);
@@ -380,6 +392,7 @@ impl Members {
     fn kind_of(&self, opening: Opening, opens_session: bool) -> StreamKind {
         match opening {
             Opening::Plain(kind) => kind,
+            Opening::Unannounced => StreamKind::Unannounced,
             Opening::Tls if opens_session => StreamKind::Main,
             Opening::Tls => {
                 StreamKind::Multifd(u8::try_from(self.multifd.len()).unwrap_or(u8::MAX))
@@ -412,6 +425,7 @@ impl Session {
             pages_tx: Mutex::new(None),
             qemu_main: Mutex::new(None),
             members: Mutex::new(Members::default()),
+            parsing: AtomicBool::new(false),
         })
     }
 
@@ -431,6 +445,26 @@ impl Session {
     /// The first failure so far.
     pub(crate) fn failed(&self) -> Option<String> {
         self.error.lock().expect("not poisoned").clone()
+    }
+
+    /// Whether a connection of QEMU process `pid` (if known) that does not say what it is can be
+    /// this migration's [`StreamKind::Unannounced`] one: the main channel has spoken, from the
+    /// same QEMU, and is carried opaque (a parsed stream showed no postcopy), and no such
+    /// connection came yet.
+    fn takes_unannounced(&self, pid: Option<u32>) -> bool {
+        let members = self.members.lock().expect("not poisoned");
+        let same_qemu = match (members.pid, pid) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => true,
+        };
+        let decided = self.mode.lock().expect("not poisoned").is_some();
+        members.main
+            && same_qemu
+            && !members.unannounced
+            && decided
+            && !self.parsing.load(Ordering::SeqCst)
+            && !self.main_done.load(Ordering::SeqCst)
+            && self.failed().is_none()
     }
 
     /// Waits until the main channel is connected to the destination QEMU.
@@ -759,16 +793,68 @@ enum Opening {
     Plain(StreamKind),
     /// A TLS handshake (QEMU's `tls-creds`): which channel it is, only the order tells.
     Tls,
+    /// Nothing that says what it is, from the QEMU whose main channel is carried opaque:
+    /// postcopy-preempt's channel (see [`StreamKind::Unannounced`]).
+    Unannounced,
 }
 
+/// How long a connection must stay silent, once the migration's main channel has spoken, to be
+/// taken for its unannounced one. QEMU's main and multifd channels and TLS handshakes all
+/// speak as soon as they connect, and the main channel's first bytes come only after QEMU's
+/// setup (its other channels are connected by then).
+const UNANNOUNCED_AFTER: Duration = Duration::from_millis(200);
+
+/// How long a connection may stay silent otherwise before it is refused.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Reads the first bytes of a QEMU connection and says what it is. Returns the bytes read, which
-/// must be forwarded first.
-fn classify(conn: &mut Conn) -> Result<(Opening, Vec<u8>), String> {
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
+/// must be forwarded first. `takes_unannounced` says whether a migration is under way that this
+/// connection can be the unannounced channel of (asked again while it stays silent).
+fn classify(
+    conn: &mut Conn,
+    takes_unannounced: &dyn Fn() -> bool,
+) -> Result<(Opening, Vec<u8>), String> {
+    const TICK: Duration = Duration::from_millis(20);
+    conn.set_read_timeout(Some(TICK))
         .map_err(|e| e.to_string())?;
+    let opened = Instant::now();
+    // Since when this connection could have been the unannounced one.
+    let mut could_be: Option<Instant> = None;
     let mut head = vec![0u8; 4];
-    conn.read_exact(&mut head)
-        .map_err(|e| format!("QEMU sent no stream header ({e})"))?;
+    let mut got = 0;
+    while got < 4 {
+        match conn.read(&mut head[got..]) {
+            Ok(0) => return Err("QEMU closed it without a stream header".into()),
+            Ok(n) => {
+                got += n;
+                continue;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("QEMU sent no stream header ({e})")),
+        }
+        if got == 0 && takes_unannounced() {
+            let since = *could_be.get_or_insert_with(Instant::now);
+            if since.elapsed() >= UNANNOUNCED_AFTER {
+                conn.set_read_timeout(None).map_err(|e| e.to_string())?;
+                return Ok((Opening::Unannounced, Vec::new()));
+            }
+        } else {
+            could_be = None;
+        }
+        if opened.elapsed() >= OPENING_TIMEOUT {
+            return Err(format!(
+                "QEMU sent no stream header in {} s",
+                OPENING_TIMEOUT.as_secs()
+            ));
+        }
+    }
+    conn.set_read_timeout(Some(OPENING_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let kind = if head == b"QEVM" {
         Opening::Plain(StreamKind::Main)
     } else if u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) == crate::multifd::MAGIC {
@@ -780,6 +866,10 @@ fn classify(conn: &mut Conn) -> Result<(Opening, Vec<u8>), String> {
         Opening::Plain(StreamKind::Multifd(head[24]))
     } else if is_tls_handshake(&head) {
         Opening::Tls
+    } else if takes_unannounced() {
+        // postcopy-preempt's channel, opened when postcopy starts (QEMU 8.0 on) and used at
+        // once: its first bytes are a page record.
+        Opening::Unannounced
     } else {
         return Err(format!(
             "not a QEMU migration stream (it starts with {:02x?})",
@@ -839,7 +929,12 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
         let (config, current, done_tx) = (config.clone(), current.clone(), done_tx.clone());
         std::thread::spawn(move || {
             let mut conn = conn;
-            let (opening, prefix) = match classify(&mut conn) {
+            let pid = conn.peer_pid();
+            let takes_unannounced = || {
+                let current = current.lock().expect("not poisoned");
+                current.as_ref().is_some_and(|s| s.takes_unannounced(pid))
+            };
+            let (opening, prefix) = match classify(&mut conn, &takes_unannounced) {
                 Ok(c) => c,
                 Err(why) => {
                     (config.log)(&format!("source shim: refused a connection: {why}"));
@@ -851,7 +946,6 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             // session, the others join it until it is over. One migration at a time: a
             // connection that cannot be this migration's is closed, which fails its QEMU's
             // migration at once.
-            let pid = conn.peer_pid();
             let (session, kind) = {
                 let mut current = current.lock().expect("not poisoned");
                 match current.as_ref() {
@@ -869,6 +963,13 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                             return;
                         }
                         (s.clone(), kind)
+                    }
+                    _ if opening == Opening::Unannounced => {
+                        (config.log)(
+                            "source shim: refused a connection: it does not say what it is, and \
+                             the migration it belonged to is over",
+                        );
+                        return;
                     }
                     _ => {
                         let s = Session::new(random_id());
@@ -1190,7 +1291,9 @@ pub fn run_destination_on(
                     }
                     return;
                 }
-                StreamKind::Main | StreamKind::Multifd(_) => {}
+                // Relayed to the destination QEMU as they are, once its main channel is
+                // connected.
+                StreamKind::Main | StreamKind::Multifd(_) | StreamKind::Unannounced => {}
             }
             if config.qemu_multifd.is_some() {
                 // The destination QEMU waits for multifd channels that only this shim's
@@ -1310,6 +1413,67 @@ mod tests {
         // Plain connections say what they are, whatever the order.
         let plain = Opening::Plain(StreamKind::Multifd(9));
         assert_eq!(m.kind_of(plain, true), StreamKind::Multifd(9));
+    }
+
+    #[test]
+    fn a_silent_connection_is_the_unannounced_one_only_while_a_migration_can_take_it() {
+        let pair = || {
+            let (a, b) = UnixStream::pair().unwrap();
+            (a, Conn::Unix(b))
+        };
+        // Silent, with a migration that can take it: after the grace, not before.
+        let (_qemu, mut conn) = pair();
+        let started = Instant::now();
+        let (opening, prefix) = classify(&mut conn, &|| true).unwrap();
+        assert_eq!(opening, Opening::Unannounced);
+        assert!(prefix.is_empty());
+        assert!(started.elapsed() >= UNANNOUNCED_AFTER);
+        // The grace counts from when a migration could take it, not from the connection.
+        let (_qemu, mut conn) = pair();
+        let asked = Instant::now();
+        let (opening, _) =
+            classify(&mut conn, &|| asked.elapsed() >= Duration::from_millis(150)).unwrap();
+        assert_eq!(opening, Opening::Unannounced);
+        assert!(asked.elapsed() >= Duration::from_millis(150) + UNANNOUNCED_AFTER);
+        // A main channel slow to speak is still the main channel.
+        let (mut qemu, mut conn) = pair();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            qemu.write_all(b"QEVM\0\0\0\x03").unwrap();
+            qemu
+        });
+        let (opening, prefix) = classify(&mut conn, &|| false).unwrap();
+        assert_eq!(opening, Opening::Plain(StreamKind::Main));
+        assert_eq!(prefix, b"QEVM");
+        drop(writer.join());
+        // Bytes that are no opening: a page record on postcopy-preempt's channel, opened when
+        // postcopy starts, if a migration can take it; refused otherwise, and kept either way.
+        for takes in [true, false] {
+            let (mut qemu, mut conn) = pair();
+            qemu.write_all(&[0, 0, 0, 0, 0, 0x10, 0, 0x08]).unwrap();
+            match classify(&mut conn, &|| takes) {
+                Ok((opening, prefix)) => {
+                    assert!(takes);
+                    assert_eq!(opening, Opening::Unannounced);
+                    assert_eq!(prefix, [0, 0, 0, 0]);
+                }
+                Err(why) => {
+                    assert!(!takes);
+                    assert!(why.contains("not a QEMU migration stream"), "{why}");
+                }
+            }
+        }
+        // A closed connection is refused at once.
+        let (qemu, mut conn) = pair();
+        drop(qemu);
+        assert!(classify(&mut conn, &|| false).is_err());
+        // QEMU opens one such connection per migration.
+        let mut m = Members::default();
+        m.admit(StreamKind::Main, Some(3)).unwrap();
+        let kind = m.kind_of(Opening::Unannounced, false);
+        assert_eq!(kind, StreamKind::Unannounced);
+        m.admit(kind, Some(3)).unwrap();
+        assert!(m.admit(kind, Some(3)).unwrap_err().contains("a second"));
     }
 
     #[test]
