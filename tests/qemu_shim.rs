@@ -463,8 +463,13 @@ fn migrates_with_multifd_through_the_shim() {
 #[test]
 fn migrates_with_the_return_path_through_the_shim() {
     let s = setup("return-path", &[("return-path", true)], json!({}));
-    migrate_and_verify(s, &[PARSING], &[PARSING]);
+    let says = &[PARSING, LOADED];
+    migrate_and_verify(s, says, says);
 }
+
+/// What a shim says when the destination QEMU confirmed on its return path that it loaded the
+/// migration.
+const LOADED: &str = "the destination QEMU loaded it (it said so on the return path)";
 
 /// Migration parameters for a guest that dirties 20 000 pages a second. These tests check that
 /// what arrives is right, not how fast: on a loaded machine (CI runs the tests side by side, and
@@ -523,7 +528,7 @@ fn a_postcopy_capable_stream_is_carried_opaque() {
 fn a_migration_switched_to_postcopy_completes_through_the_shim() {
     let s = setup("postcopy-switch", &[("postcopy-ram", true)], json!({}));
     let s = switch_to_postcopy(s);
-    verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, "1 QEMU connection(s)"]);
+    verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, LOADED, "1 QEMU connection(s)"]);
 }
 
 /// The same with `postcopy-preempt`: the source QEMU also opens a connection that it says
@@ -532,7 +537,7 @@ fn a_migration_switched_to_postcopy_completes_through_the_shim() {
 fn a_postcopy_preempt_migration_completes_through_the_shim() {
     let s = setup("postcopy-preempt", PREEMPT_CAPS, json!({}));
     let s = switch_to_postcopy(s);
-    verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, "2 QEMU connection(s)"]);
+    verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, LOADED, "2 QEMU connection(s)"]);
 }
 
 /// postcopy-preempt with a destination that runs as soon as postcopy starts: its guest touches
@@ -580,8 +585,10 @@ fn a_running_destination_gets_the_pages_it_asks_for_over_postcopy_preempt() {
 const PREEMPT_CAPS: &[(&str, bool)] = &[("postcopy-ram", true), ("postcopy-preempt", true)];
 
 /// What the source shim says of a postcopy migration.
-const POSTCOPY_SAYS: &[&str] =
-    &["mode opaque (the main channel's stream cannot be parsed: postcopy"];
+const POSTCOPY_SAYS: &[&str] = &[
+    "mode opaque (the main channel's stream cannot be parsed: postcopy",
+    LOADED,
+];
 
 /// Starts migrating and switches to postcopy once it is under way.
 fn switch_to_postcopy(mut s: Setup) -> Setup {
@@ -1102,6 +1109,50 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
             next["session"], summaries[0]["session"],
             "a session of its own"
         );
+    }
+}
+
+/// A migration cancelled midway in opaque mode, where a cut stream looks like a whole one to the
+/// shims: with the return path on, the destination QEMU's own word (its return path ends
+/// without the SHUT message that says it loaded everything) makes both shims report it failed.
+#[test]
+fn a_cancelled_migration_in_opaque_mode_is_failed_by_the_destinations_return_path() {
+    let sides = Sides {
+        send_args: &["--mode", "opaque"],
+        ..Sides::default()
+    };
+    let mut s = setup_sides(
+        "cancel-opaque",
+        &[("return-path", true)],
+        json!({}),
+        2000,
+        sides,
+    );
+    let dir = s.scratch.0.clone();
+    s.src
+        .migrate(&format!("unix:{}", dir.join("src.sock").display()))
+        .unwrap();
+    wait_under_way(&mut s.src, 16 << 20);
+    s.src.qmp.execute("migrate_cancel", json!({})).unwrap();
+    let info = s.src.wait_migration(Duration::from_secs(60)).unwrap();
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert_eq!(s.src.status().unwrap(), "running", "the source VM runs on");
+    for (p, json, side, log) in [
+        (&mut s.send, "send.json", "source shim", "send.log"),
+        (&mut s.recv, "recv.json", "destination shim", "recv.log"),
+    ] {
+        let status = wait_exit(p, Duration::from_secs(30)).expect("shim exits after --once");
+        let text = read_log(&dir, log);
+        assert!(!status.success(), "{side} fails the migration: {text}");
+        let summary = json_summary(&dir, json, side);
+        assert_eq!(summary["completed"], false, "{summary}");
+        assert_eq!(summary["destination_loaded"], false, "{summary}");
+        let error = summary["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the destination QEMU could not load the migration"),
+            "{side}: {error}"
+        );
+        assert!(text.contains("FAILED"), "{side}: {text}");
     }
 }
 

@@ -9,5 +9,6 @@ pub mod multifd;
 mod parsed;
 pub mod qmp;
 pub mod relay;
+mod return_path;
 pub mod stream;
 pub mod vm;

@@ -47,7 +47,8 @@ use pagestream_transport::{
 use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
 use crate::multifd::{self, MultifdOut};
 use crate::relay::{
-    Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, connect_qemu,
+    Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, WatchedReader,
+    WatchedWriter, connect_qemu,
 };
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
 
@@ -535,7 +536,11 @@ fn source_return_path(
     let session = session.clone();
     Ok(std::thread::spawn(move || {
         let (raw, wire) = session.direction(false);
-        let received = link::from_link(&mut link, &mut qemu_out, |r, w| {
+        let mut to_qemu = WatchedWriter {
+            inner: &mut qemu_out,
+            watch: Some(&*session),
+        };
+        let received = link::from_link(&mut link, &mut to_qemu, |r, w| {
             raw.fetch_add(r, Ordering::Relaxed);
             wire.fetch_add(w, Ordering::Relaxed);
         });
@@ -1310,7 +1315,11 @@ pub(crate) fn destination_return_path(
             std::thread::spawn(move || link::from_link(&mut link_in, &mut io::sink(), |_, _| {}));
         let mut link_out = link;
         let (raw, wire) = session.direction(false);
-        link::to_link(&mut qemu, &mut link_out, Compression::Lz4, |r, w| {
+        let mut from_qemu = WatchedReader {
+            inner: &mut qemu,
+            watch: Some(&**session),
+        };
+        link::to_link(&mut from_qemu, &mut link_out, Compression::Lz4, |r, w| {
             raw.fetch_add(r, Ordering::Relaxed);
             wire.fetch_add(w, Ordering::Relaxed);
         })

@@ -28,6 +28,7 @@ use pagecodec::{ClassCounts, PageClass};
 use crate::link::{self, Compression, Key, LinkHeader, Moved, StreamKind};
 use crate::multifd::QemuMultifd;
 use crate::parsed;
+use crate::return_path::ReturnPathWatch;
 
 /// A QEMU-side endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,6 +211,10 @@ pub struct Summary {
     pub verified: u32,
     /// Pages by class (parsing mode): how the page codec sent the main channel's pages.
     pub pages: Option<ClassCounts>,
+    /// What the destination QEMU said at the end on its return path (`return-path` or
+    /// `postcopy-ram`): it loaded the migration, or it could not. `None`: it said nothing this
+    /// shim could read (no return path, QEMU's own TLS, or it never got that far).
+    pub destination_loaded: Option<bool>,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -235,6 +240,7 @@ impl Summary {
             "return_path": moved(&self.back),
             "verified_streams": self.verified,
             "pages": pages,
+            "destination_loaded": self.destination_loaded,
             "error": self.error,
         })
     }
@@ -277,6 +283,13 @@ impl Summary {
              parsed pages: frame checksums and counts)",
             self.verified, self.connections
         ));
+        if let Some(loaded) = self.destination_loaded {
+            text.push_str(if loaded {
+                "\n  the destination QEMU loaded it (it said so on the return path)"
+            } else {
+                "\n  the destination QEMU could not load it (it said so on the return path)"
+            });
+        }
         if let Some(e) = &self.error {
             text.push_str(&format!("\n  error: {e}"));
         }
@@ -331,6 +344,8 @@ pub(crate) struct Session {
     pub(crate) qemu_main: Mutex<Option<Conn>>,
     /// Source: the QEMU connections taken so far.
     members: Mutex<Members>,
+    /// The main channel's return path, read as it passes.
+    pub(crate) return_path: Mutex<ReturnPathWatch>,
     /// Source: the main channel runs in parsing mode. Its stream showed no postcopy, so its QEMU
     /// opens no [`StreamKind::Unannounced`] connection.
     pub(crate) parsing: AtomicBool,
@@ -426,6 +441,7 @@ impl Session {
             qemu_main: Mutex::new(None),
             members: Mutex::new(Members::default()),
             parsing: AtomicBool::new(false),
+            return_path: Mutex::new(ReturnPathWatch::default()),
         })
     }
 
@@ -539,6 +555,7 @@ impl Session {
     }
 
     fn summary(&self) -> Summary {
+        let destination_loaded = self.return_path.lock().expect("not poisoned").loaded();
         Summary {
             session: self.hex(),
             mode: self
@@ -559,12 +576,23 @@ impl Session {
             },
             verified: self.verified.load(Ordering::Relaxed) as u32,
             pages: *self.pages.lock().expect("not poisoned"),
+            destination_loaded,
+            // What this shim saw first; then what the destination QEMU said (in opaque mode,
+            // where a shim cannot tell a cut stream from a whole one, the only word).
             error: self
                 .error
                 .lock()
                 .expect("not poisoned")
                 .clone()
-                .or_else(|| self.unfinished.lock().expect("not poisoned").clone()),
+                .or_else(|| self.unfinished.lock().expect("not poisoned").clone())
+                .or_else(|| {
+                    (destination_loaded == Some(false)).then(|| {
+                        "the destination QEMU could not load the migration (it said so on its \
+                         return path): the source cancelled it, or the destination QEMU refused \
+                         what it read (its log says why)"
+                            .to_string()
+                    })
+                }),
         }
     }
 
@@ -633,15 +661,63 @@ pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
     });
 }
 
+/// Reads from `inner`, showing the bytes to `watch`'s return-path watch if any: the
+/// destination shim reading its QEMU's return path.
+pub(crate) struct WatchedReader<'a, R> {
+    pub(crate) inner: R,
+    pub(crate) watch: Option<&'a Session>,
+}
+
+impl<R: Read> Read for WatchedReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(session) = self.watch {
+            let mut watch = session.return_path.lock().expect("not poisoned");
+            watch.feed(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Writes to `inner`, showing the bytes to `watch`'s return-path watch if any: the source
+/// shim handing the return path to its QEMU.
+pub(crate) struct WatchedWriter<'a, W> {
+    pub(crate) inner: W,
+    pub(crate) watch: Option<&'a Session>,
+}
+
+impl<W: Write> Write for WatchedWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf);
+        if let Some(session) = self.watch {
+            // Bytes the destination sent count even when this QEMU can no longer take them (a
+            // cancelled migration's QEMU closes its end): the watch reads what was said.
+            let seen = match &written {
+                Ok(n) => &buf[..*n],
+                Err(_) => buf,
+            };
+            let mut watch = session.return_path.lock().expect("not poisoned");
+            watch.feed(seen);
+        }
+        written
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Relays one QEMU connection over one link, both directions, until both ended. `forward`:
 /// this side reads QEMU's migration stream (the source shim); otherwise it reads QEMU's return
-/// path (the destination shim).
+/// path (the destination shim). `main`: it is the main channel, whose return path the session
+/// watches.
 fn relay(
     mut qemu: Conn,
     prefix: Vec<u8>,
     link: TcpStream,
     session: &Arc<Session>,
     forward: bool,
+    main: bool,
     compression: Compression,
 ) -> Result<(), String> {
     let clone_err = |e: io::Error| format!("cannot set up the relay: {e}");
@@ -665,7 +741,11 @@ fn relay(
         let session = session.clone();
         std::thread::spawn(move || -> Result<(), String> {
             let (raw, wire) = session.direction(!forward);
-            link::from_link(&mut link_in, &mut qemu_out, |r, w| {
+            let mut to_qemu = WatchedWriter {
+                inner: &mut qemu_out,
+                watch: (forward && main).then_some(&*session),
+            };
+            link::from_link(&mut link_in, &mut to_qemu, |r, w| {
                 raw.fetch_add(r, Ordering::Relaxed);
                 wire.fetch_add(w, Ordering::Relaxed);
             })
@@ -684,15 +764,14 @@ fn relay(
     };
     let mut link_out = link;
     let (raw, wire) = session.direction(forward);
-    let outgoing = link::to_link(
-        &mut prefix.as_slice().chain(&mut qemu),
-        &mut link_out,
-        compression,
-        |r, w| {
-            raw.fetch_add(r, Ordering::Relaxed);
-            wire.fetch_add(w, Ordering::Relaxed);
-        },
-    )
+    let mut from_qemu = WatchedReader {
+        inner: prefix.as_slice().chain(&mut qemu),
+        watch: (!forward && main).then_some(&**session),
+    };
+    let outgoing = link::to_link(&mut from_qemu, &mut link_out, compression, |r, w| {
+        raw.fetch_add(r, Ordering::Relaxed);
+        wire.fetch_add(w, Ordering::Relaxed);
+    })
     .map_err(|e| {
         let why = format!("to the other shim: {}", link::link_error(&e));
         session.fail(why.clone());
@@ -1031,7 +1110,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                 )
                 .map_err(|e| e.to_string())?;
                 link.set_read_timeout(None).map_err(|e| e.to_string())?;
-                relay(conn, prefix, link, &session, true, config.compression)
+                relay(conn, prefix, link, &session, true, main, config.compression)
             })();
             if let Err(why) = result {
                 session.fail(format!("{kind:?} channel: {why}"));
@@ -1340,7 +1419,15 @@ pub fn run_destination_on(
                 if main {
                     session.set_main_ready();
                 }
-                relay(qemu, Vec::new(), link, &session, false, config.compression)
+                relay(
+                    qemu,
+                    Vec::new(),
+                    link,
+                    &session,
+                    false,
+                    main,
+                    config.compression,
+                )
             })();
             if let Err(why) = result {
                 session.fail(format!("{:?} channel: {why}", header.kind));
@@ -1493,6 +1580,7 @@ mod tests {
             back: Moved { raw: 0, wire: 20 },
             verified: 1,
             pages: Some(pages),
+            destination_loaded: Some(true),
             error: None,
         };
         let json = summary.to_json("source shim");
@@ -1506,6 +1594,7 @@ mod tests {
         assert_eq!(json["pages"]["zero"], 10);
         assert_eq!(json["pages"]["lz4"], 3);
         assert_eq!(json["error"], serde_json::Value::Null);
+        assert_eq!(json["destination_loaded"], true);
         let failed = Summary {
             error: Some("the other shim stopped answering".into()),
             pages: None,

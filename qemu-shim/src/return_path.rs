@@ -1,0 +1,178 @@
+//! QEMU's return path, read as it passes through a shim: what the destination QEMU says of its
+//! migration when it is done.
+//!
+//! With the `return-path` or `postcopy-ram` capability, the destination QEMU writes messages back
+//! on the main channel's connection: be16 type, be16 length, then that many bytes. The first is
+//! the PONG to the PING the source sends right after opening the return path; the last, once it
+//! has loaded the whole migration, is SHUT with a be32 0 (QEMU 7.2 exits without one when it
+//! fails to load, as on a cut stream; a SHUT of 1 also says it failed). The source QEMU waits for
+//! SHUT before it reports "completed", and takes a return path that ends without it as a failed
+//! migration. The shims relay those bytes untouched; this watch reads them on the way, so that a
+//! shim can tell a failed migration even where it carries the stream opaque and cannot tell a
+//! cut stream from a whole one.
+//!
+//! The watch never guesses: bytes that are not a well-formed message (a TLS record, with QEMU's
+//! own TLS) end it, and it then says nothing.
+
+/// Message types QEMU 7.2 to 10.x send on the return path: SHUT, PONG, REQ_PAGES_ID, REQ_PAGES,
+/// RECV_BITMAP, RESUME_ACK, SWITCHOVER_ACK.
+const KNOWN_TYPES: std::ops::RangeInclusive<u16> = 1..=7;
+const SHUT: u16 = 1;
+
+/// Reads QEMU's return-path messages from the bytes fed to it, in order, in pieces of any size.
+#[derive(Debug, Default)]
+pub(crate) struct ReturnPathWatch {
+    /// The message header being read, and how much of it.
+    head: [u8; 4],
+    have: usize,
+    /// Body bytes of the current message still to come.
+    body_left: usize,
+    /// The current message is a SHUT, and its value's bytes so far.
+    shut: Option<Vec<u8>>,
+    /// Whole messages read.
+    messages: u64,
+    said: Option<u32>,
+    lost: bool,
+}
+
+impl ReturnPathWatch {
+    /// Reads `bytes`, the next ones of the return path.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.lost {
+            if self.body_left == 0 {
+                let take = (4 - self.have).min(bytes.len());
+                self.head[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+                self.have += take;
+                bytes = &bytes[take..];
+                if self.have < 4 {
+                    return;
+                }
+                self.have = 0;
+                let kind = u16::from_be_bytes([self.head[0], self.head[1]]);
+                let len = usize::from(u16::from_be_bytes([self.head[2], self.head[3]]));
+                if !KNOWN_TYPES.contains(&kind) || (kind == SHUT && len != 4) {
+                    self.lost = true;
+                    return;
+                }
+                self.body_left = len;
+                self.shut = (kind == SHUT).then(Vec::new);
+                if len == 0 {
+                    self.message_read();
+                }
+                continue;
+            }
+            let take = self.body_left.min(bytes.len());
+            if let Some(value) = &mut self.shut {
+                value.extend_from_slice(&bytes[..take]);
+            }
+            self.body_left -= take;
+            bytes = &bytes[take..];
+            if self.body_left == 0 {
+                self.message_read();
+            }
+        }
+    }
+
+    fn message_read(&mut self) {
+        self.messages += 1;
+        if let Some(value) = self.shut.take() {
+            self.said = Some(u32::from_be_bytes(
+                value.try_into().expect("SHUT's length was checked"),
+            ));
+        }
+    }
+
+    /// What the destination QEMU said, asked once the return path is over: `Some(true)` it
+    /// loaded the migration (SHUT 0), `Some(false)` it could not (SHUT 1, or its return path
+    /// ended without SHUT), `None` it said nothing this watch could read (no return path, one
+    /// that ended before its first message, or bytes that were not return-path messages).
+    pub(crate) fn loaded(&self) -> Option<bool> {
+        if self.lost {
+            return None;
+        }
+        match self.said {
+            Some(value) => Some(value == 0),
+            None if self.messages > 0 => Some(false),
+            None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut m = kind.to_be_bytes().to_vec();
+        m.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn return_path(shut: u32) -> Vec<u8> {
+        let mut bytes = message(2, &7u32.to_be_bytes()); // PONG
+        // REQ_PAGES_ID: start, length, block name.
+        let mut req = 0x2000u64.to_be_bytes().to_vec();
+        req.extend_from_slice(&4096u32.to_be_bytes());
+        req.push(6);
+        req.extend_from_slice(b"pc.ram");
+        bytes.extend(message(3, &req));
+        bytes.extend(message(4, &[0; 12])); // REQ_PAGES
+        bytes.extend(message(1, &shut.to_be_bytes()));
+        bytes
+    }
+
+    #[test]
+    fn shut_says_whether_the_destination_loaded_the_migration() {
+        for (shut, loaded) in [(0, true), (1, false)] {
+            let bytes = return_path(shut);
+            let mut whole = ReturnPathWatch::default();
+            whole.feed(&bytes);
+            assert_eq!(whole.loaded(), Some(loaded));
+            // The same, a byte at a time.
+            let mut split = ReturnPathWatch::default();
+            for b in &bytes {
+                split.feed(std::slice::from_ref(b));
+            }
+            assert_eq!(split.loaded(), Some(loaded));
+        }
+    }
+
+    #[test]
+    fn a_return_path_that_ends_without_shut_says_the_destination_failed() {
+        // QEMU 7.2 exits without SHUT when it cannot load the stream.
+        let mut pong_only = ReturnPathWatch::default();
+        pong_only.feed(&message(2, &1u32.to_be_bytes()));
+        assert_eq!(pong_only.loaded(), Some(false));
+        // Cut in the middle of SHUT itself.
+        let shut = message(1, &0u32.to_be_bytes());
+        let mut cut = ReturnPathWatch::default();
+        cut.feed(&message(2, &1u32.to_be_bytes()));
+        cut.feed(&shut[..6]);
+        assert_eq!(cut.loaded(), Some(false));
+        // A message with no body (SWITCHOVER_ACK) counts like any other.
+        let mut ack = ReturnPathWatch::default();
+        ack.feed(&message(7, &[]));
+        assert_eq!(ack.loaded(), Some(false));
+        ack.feed(&shut);
+        assert_eq!(ack.loaded(), Some(true));
+    }
+
+    #[test]
+    fn bytes_that_are_not_return_path_messages_say_nothing() {
+        // QEMU's TLS: a handshake record, then anything, even what looks like a SHUT.
+        let mut tls = ReturnPathWatch::default();
+        tls.feed(&[0x16, 0x03, 0x03, 0x00, 0x2a]);
+        tls.feed(&message(1, &1u32.to_be_bytes()));
+        assert_eq!(tls.loaded(), None);
+        // An unknown message type, and a SHUT of the wrong length.
+        for bytes in [message(9, &[0; 4]), message(1, &[0; 8])] {
+            let mut w = ReturnPathWatch::default();
+            w.feed(&bytes);
+            w.feed(&message(1, &0u32.to_be_bytes()));
+            assert_eq!(w.loaded(), None);
+        }
+        // Nothing at all.
+        assert_eq!(ReturnPathWatch::default().loaded(), None);
+    }
+}
