@@ -380,6 +380,12 @@ struct VirshCase<'a> {
     /// A first attempt is made before the destination shim runs: it must fail and leave the
     /// domain running at the source.
     destination_shim_late: bool,
+    /// QEMU's return path is on: both shims must report that the destination QEMU said it
+    /// loaded the migration.
+    return_path: bool,
+    /// `virsh migrate-postcopy` once the migration is under way; the source domain must have
+    /// been paused for postcopy.
+    switch_to_postcopy: bool,
 }
 
 /// Migrates a libvirt domain between two libvirt hosts through the shims, with `virsh migrate
@@ -392,6 +398,8 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         mode,
         connections,
         destination_shim_late,
+        return_path,
+        switch_to_postcopy,
     } = case;
     let pair = LinkPair::create("1gbit", 256 << 10).expect("two network namespaces (root)");
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
@@ -497,7 +505,30 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         &dir.join("recv.log"),
     );
     std::thread::sleep(Duration::from_millis(500));
-    let out = migrate();
+    // The source domain's lifecycle events, which say when it paused for postcopy.
+    let events = dir.join("events.log");
+    let _events = switch_to_postcopy.then(|| {
+        let log = std::fs::File::create(&events).unwrap();
+        Proc(
+            src.command("timeout")
+                .args(["120", "virsh", "--connect", "qemu:///system", "event"])
+                .args(["--domain", DOMAIN, "--event", "lifecycle", "--loop"])
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("ip netns exec runs"),
+        )
+    });
+    let out = if switch_to_postcopy {
+        std::thread::scope(|scope| {
+            let migrating = scope.spawn(migrate);
+            start_postcopy(&src);
+            migrating.join().expect("virsh migrate runs")
+        })
+    } else {
+        migrate()
+    };
     assert!(
         out.status.success(),
         "virsh migrate: {}\n--- source shim ---\n{}\n--- destination shim ---\n{}\n{}\n{}",
@@ -519,6 +550,13 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         None,
         "libvirt ended the source's QEMU"
     );
+    if switch_to_postcopy {
+        let said = read_log(dir, "events.log");
+        assert!(
+            said.contains("Suspended Post-copy"),
+            "the source paused for postcopy: {said}"
+        );
+    }
     let tick = last_tick(&console);
     assert!(
         wait_tick(&console, tick + 2, Duration::from_secs(30)),
@@ -548,6 +586,9 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
             "{side}: {summary}"
         );
         assert_eq!(summary["session"], sent["session"], "one session");
+        if return_path {
+            assert_eq!(summary["destination_loaded"], true, "{side}: {summary}");
+        }
     }
     assert!(
         received[0]["verified_streams"].as_u64() >= Some(1),
@@ -594,4 +635,48 @@ fn virsh_migrate_tls_runs_through_the_shims_opaque() {
         connections: 1,
         ..VirshCase::default()
     });
+}
+
+/// `--postcopy`, then `virsh migrate-postcopy` midway: libvirt turns postcopy on at both QEMUs
+/// and switches to it; the destination runs while the rest of its memory arrives, its page
+/// requests going back over the return path through the shims. Precopy is held to 20 MiB/s
+/// (`--bandwidth`) so that the switch comes before it could finish.
+#[test]
+fn virsh_migrate_postcopy_runs_through_the_shims() {
+    migrate_with_virsh(VirshCase {
+        name: "libvirt-postcopy",
+        virsh_args: &["--postcopy", "--bandwidth", "20"],
+        mode: "opaque",
+        connections: 1,
+        return_path: true,
+        switch_to_postcopy: true,
+        ..VirshCase::default()
+    });
+}
+
+/// `virsh migrate-postcopy` on `host`'s domain, once its migration has run a couple of seconds
+/// (retried while virsh says no migration runs yet).
+fn start_postcopy(host: &LibvirtHost) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut running_since = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let job = host.virsh(&["domjobinfo", DOMAIN]);
+        let migrating = String::from_utf8_lossy(&job.stdout).contains("Unbounded");
+        if migrating {
+            let since = *running_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(2) {
+                let out = host.virsh(&["migrate-postcopy", DOMAIN]);
+                if out.status.success() {
+                    return;
+                }
+                eprintln!("virsh migrate-postcopy: {}", stderr(&out));
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never ran long enough to switch to postcopy: {}",
+            stderr(&job)
+        );
+    }
 }
