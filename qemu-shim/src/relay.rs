@@ -692,8 +692,10 @@ impl<W: Write> Write for WatchedWriter<'_, W> {
         if let Some(session) = self.watch {
             // Bytes the destination sent count even when this QEMU can no longer take them (a
             // cancelled migration's QEMU closes its end): the watch reads what was said.
+            // (An interrupted write is tried again with the same bytes: not seen yet.)
             let seen = match &written {
                 Ok(n) => &buf[..*n],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => &[],
                 Err(_) => buf,
             };
             let mut watch = session.return_path.lock().expect("not poisoned");
