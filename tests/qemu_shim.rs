@@ -582,6 +582,29 @@ fn a_running_destination_gets_the_pages_it_asks_for_over_postcopy_preempt() {
         .unwrap();
 }
 
+/// postcopy-preempt under QEMU's own TLS: the preempt connection opens with a TLS handshake
+/// like the others, and is carried by its order.
+#[test]
+fn a_postcopy_preempt_migration_under_tls_completes_through_the_shim() {
+    let scratch = Scratch::new("tls-preempt-certs");
+    let certs = tls_certificates(&scratch.0);
+    let sides = Sides {
+        tls: Some(&certs),
+        ..Sides::default()
+    };
+    let s = setup_sides("tls-preempt", PREEMPT_CAPS, json!({}), 2000, sides);
+    let s = switch_to_postcopy(s);
+    verify_migration(
+        s,
+        &[
+            OPAQUE,
+            "QEMU's TLS encrypts the stream",
+            "2 QEMU connection(s)",
+        ],
+        &[OPAQUE, "2 QEMU connection(s)"],
+    );
+}
+
 const PREEMPT_CAPS: &[(&str, bool)] = &[("postcopy-ram", true), ("postcopy-preempt", true)];
 
 /// What the source shim says of a postcopy migration.
