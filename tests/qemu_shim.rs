@@ -59,15 +59,8 @@ fn shims(
     recv_args: &[&str],
     once: bool,
 ) -> (Proc, Proc) {
+    let recv = recv_shim(dir, port, recv_args, once, "recv");
     let once = if once { &["--once"][..] } else { &[] };
-    let listen = format!("127.0.0.1:{port}");
-    let qemu = format!("unix:{}", dir.join("dst.sock").display());
-    let json = dir.join("recv.json").display().to_string();
-    let mut args = vec!["recv", "--listen", &listen, "--qemu", &qemu];
-    args.extend_from_slice(once);
-    args.extend_from_slice(&["--summary-json", &json]);
-    args.extend_from_slice(recv_args);
-    let recv = shim(&args, &dir.join("recv.log"));
     let listen = format!("unix:{}", dir.join("src.sock").display());
     let to = format!("127.0.0.1:{port}");
     let json = dir.join("send.json").display().to_string();
@@ -78,6 +71,21 @@ fn shims(
     let send = shim(&args, &dir.join("send.log"));
     wait_listening(&dir.join("src.sock"));
     (recv, send)
+}
+
+/// Starts a destination shim on `port` feeding `dir/dst.sock`, its log and JSON summaries in
+/// `dir/NAME.log` and `dir/NAME.json`.
+fn recv_shim(dir: &Path, port: u16, recv_args: &[&str], once: bool, name: &str) -> Proc {
+    let listen = format!("127.0.0.1:{port}");
+    let qemu = format!("unix:{}", dir.join("dst.sock").display());
+    let json = dir.join(format!("{name}.json")).display().to_string();
+    let mut args = vec!["recv", "--listen", &listen, "--qemu", &qemu];
+    if once {
+        args.push("--once");
+    }
+    args.extend_from_slice(&["--summary-json", &json]);
+    args.extend_from_slice(recv_args);
+    shim(&args, &dir.join(format!("{name}.log")))
 }
 
 /// Waits until the migration of `src` has sent `bytes`, while it is still under way: whatever
@@ -603,6 +611,109 @@ fn a_postcopy_preempt_migration_under_tls_completes_through_the_shim() {
         ],
         &[OPAQUE, "2 QEMU connection(s)"],
     );
+}
+
+/// Postcopy survives a failure of the path: the destination shim dies mid-postcopy, both QEMUs
+/// pause (postcopy-paused; neither can go back), and the operator resumes through a new
+/// destination shim (QMP `migrate-recover` at the destination, `migrate` with `resume` at the
+/// source). The source shim, still up, takes the resumed stream, which starts with a command
+/// rather than a header, and the migration completes with bit-identical memory.
+#[test]
+fn a_postcopy_migration_resumes_through_the_shims_after_a_shim_dies() {
+    let sides = Sides {
+        stay_up: true,
+        ..Sides::default()
+    };
+    // Postcopy held to 4 MiB/s, so that it is still under way when the shim dies.
+    let params = json!({"max-postcopy-bandwidth": 4u64 << 20});
+    let s = setup_sides(
+        "postcopy-recover",
+        &[("postcopy-ram", true)],
+        params,
+        2000,
+        sides,
+    );
+    let mut s = switch_to_postcopy(s);
+    let dir = s.scratch.0.clone();
+    // Only once the destination runs postcopy (it has loaded the device state) can it pause
+    // rather than fail.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = s.dst.qmp.execute("query-migrate", json!({})).unwrap();
+        if info["status"] == "postcopy-active" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the destination: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = s.recv.0.kill();
+    for (vm, side) in [(&mut s.src, "source"), (&mut s.dst, "destination")] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = match vm.qmp.execute("query-migrate", json!({})) {
+                Ok(info) => info,
+                Err(e) => panic!("the {side} QEMU: {e} (running: {})", vm.alive()),
+            };
+            match info["status"].as_str().unwrap_or_default() {
+                "postcopy-paused" => break,
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => panic!(
+                    "the {side} QEMU did not pause: {info}\nsend: {}\nrecv: {}",
+                    read_log(&dir, "send.log"),
+                    read_log(&dir, "recv.log")
+                ),
+            }
+        }
+    }
+    let _recv = recv_shim(&dir, s.port, &[], false, "recv2");
+    // Resume only once it listens: QEMU 7.2's source, its resume refused, stays in
+    // postcopy-recover for good (docs/qemu-shim.md).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read_log(&dir, "recv2.log").contains("listening on") {
+        assert!(
+            Instant::now() < deadline,
+            "the new destination shim does not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dst_uri = format!("unix:{}", dir.join("dst.sock").display());
+    s.dst
+        .qmp
+        .execute("migrate-recover", json!({ "uri": dst_uri }))
+        .unwrap();
+    s.src
+        .parameters(json!({"max-postcopy-bandwidth": 0}))
+        .unwrap();
+    let src_uri = format!("unix:{}", dir.join("src.sock").display());
+    s.src
+        .qmp
+        .execute("migrate", json!({ "uri": src_uri, "resume": true }))
+        .unwrap();
+    let info = s.src.wait_migration(Duration::from_secs(60));
+    let dst_info = s.dst.qmp.execute("query-migrate", json!({}));
+    assert!(
+        info.as_ref().is_ok_and(|i| i["status"] == "completed"),
+        "{info:?}\ndestination: {dst_info:?}\nsend: {}\nrecv2: {}",
+        read_log(&dir, "send.log"),
+        read_log(&dir, "recv2.log")
+    );
+    wait_loaded(&mut s.dst);
+    let a = memory(&mut s.src, &dir.join("src.mem"));
+    let b = memory(&mut s.dst, &dir.join("dst.mem"));
+    check_identical(&a, &b, "between source and destination").unwrap();
+    // The source shim: the first session failed with the path, the resumed one completed.
+    let sent = json_summaries(&dir.join("send.json"), 2);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0]["completed"], false, "{}", sent[0]);
+    // Its return path was cut by the dead shim: not the destination QEMU's word.
+    assert!(sent[0]["destination_loaded"].is_null(), "{}", sent[0]);
+    assert_eq!(sent[1]["completed"], true, "{}", sent[1]);
+    let mode = sent[1]["mode"].as_str().unwrap_or_default();
+    assert!(mode.contains("resumed after a failure"), "{mode}");
+    let received = json_summaries(&dir.join("recv2.json"), 1);
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0]["completed"], true, "{}", received[0]);
+    assert_eq!(received[0]["session"], sent[1]["session"]);
 }
 
 const PREEMPT_CAPS: &[(&str, bool)] = &[("postcopy-ram", true), ("postcopy-preempt", true)];

@@ -29,6 +29,7 @@ use crate::link::{self, Compression, Key, LinkHeader, Moved, StreamKind};
 use crate::multifd::QemuMultifd;
 use crate::parsed;
 use crate::return_path::ReturnPathWatch;
+use crate::stream;
 
 /// A QEMU-side endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -408,6 +409,7 @@ impl Members {
         match opening {
             Opening::Plain(kind) => kind,
             Opening::Unannounced => StreamKind::Unannounced,
+            Opening::Resumed => StreamKind::Main,
             Opening::Tls if opens_session => StreamKind::Main,
             Opening::Tls => {
                 StreamKind::Multifd(u8::try_from(self.multifd.len()).unwrap_or(u8::MAX))
@@ -555,7 +557,12 @@ impl Session {
     }
 
     fn summary(&self) -> Summary {
-        let destination_loaded = self.return_path.lock().expect("not poisoned").loaded();
+        let failed = self.failed();
+        let destination_loaded = self
+            .return_path
+            .lock()
+            .expect("not poisoned")
+            .loaded(failed.is_some());
         Summary {
             session: self.hex(),
             mode: self
@@ -579,11 +586,7 @@ impl Session {
             destination_loaded,
             // What this shim saw first; then what the destination QEMU said (in opaque mode,
             // where a shim cannot tell a cut stream from a whole one, the only word).
-            error: self
-                .error
-                .lock()
-                .expect("not poisoned")
-                .clone()
+            error: failed
                 .or_else(|| self.unfinished.lock().expect("not poisoned").clone())
                 .or_else(|| {
                     (destination_loaded == Some(false)).then(|| {
@@ -877,6 +880,9 @@ enum Opening {
     /// Nothing that says what it is, from the QEMU whose main channel is carried opaque:
     /// postcopy-preempt's channel (see [`StreamKind::Unannounced`]).
     Unannounced,
+    /// The main channel of a postcopy migration resumed after a failure: no header, a command
+    /// first ([`stream::opens_postcopy_resume`]).
+    Resumed,
 }
 
 /// How long a connection must stay silent, once the migration's main channel has spoken, to be
@@ -947,6 +953,8 @@ fn classify(
         Opening::Plain(StreamKind::Multifd(head[24]))
     } else if is_tls_handshake(&head) {
         Opening::Tls
+    } else if stream::opens_postcopy_resume(&head) {
+        Opening::Resumed
     } else if takes_unannounced() {
         // postcopy-preempt's channel, opened when postcopy starts (QEMU 8.0 on) and used at
         // once: its first bytes are a page record.
@@ -1072,6 +1080,10 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                 if main && opening == Opening::Tls {
                     *session.mode.lock().expect("not poisoned") = Some(format!(
                         "{OPAQUE_MODE}: QEMU's TLS encrypts the stream between the two QEMUs"
+                    ));
+                } else if main && opening == Opening::Resumed {
+                    *session.mode.lock().expect("not poisoned") = Some(format!(
+                        "{OPAQUE_MODE}: a postcopy migration resumed after a failure"
                     ));
                 } else if main && config.mode == Mode::Auto {
                     match parsed::source_main(

@@ -86,13 +86,14 @@ impl ReturnPathWatch {
     /// loaded the migration (SHUT 0), `Some(false)` it could not (SHUT 1, or its return path
     /// ended without SHUT), `None` it said nothing this watch could read (no return path, one
     /// that ended before its first message, or bytes that were not return-path messages).
-    pub(crate) fn loaded(&self) -> Option<bool> {
+    /// `cut`: the shims' own path failed, so an end without SHUT is not QEMU's word.
+    pub(crate) fn loaded(&self, cut: bool) -> Option<bool> {
         if self.lost {
             return None;
         }
         match self.said {
             Some(value) => Some(value == 0),
-            None if self.messages > 0 => Some(false),
+            None if self.messages > 0 && !cut => Some(false),
             None => None,
         }
     }
@@ -128,13 +129,15 @@ mod tests {
             let bytes = return_path(shut);
             let mut whole = ReturnPathWatch::default();
             whole.feed(&bytes);
-            assert_eq!(whole.loaded(), Some(loaded));
+            assert_eq!(whole.loaded(false), Some(loaded));
+            // What QEMU said stands even when the path broke afterwards.
+            assert_eq!(whole.loaded(true), Some(loaded));
             // The same, a byte at a time.
             let mut split = ReturnPathWatch::default();
             for b in &bytes {
                 split.feed(std::slice::from_ref(b));
             }
-            assert_eq!(split.loaded(), Some(loaded));
+            assert_eq!(split.loaded(false), Some(loaded));
         }
     }
 
@@ -143,19 +146,21 @@ mod tests {
         // QEMU 7.2 exits without SHUT when it cannot load the stream.
         let mut pong_only = ReturnPathWatch::default();
         pong_only.feed(&message(2, &1u32.to_be_bytes()));
-        assert_eq!(pong_only.loaded(), Some(false));
+        assert_eq!(pong_only.loaded(false), Some(false));
         // Cut in the middle of SHUT itself.
         let shut = message(1, &0u32.to_be_bytes());
         let mut cut = ReturnPathWatch::default();
         cut.feed(&message(2, &1u32.to_be_bytes()));
         cut.feed(&shut[..6]);
-        assert_eq!(cut.loaded(), Some(false));
+        assert_eq!(cut.loaded(false), Some(false));
+        // Unless the shims' own path was cut: then QEMU never got to say.
+        assert_eq!(cut.loaded(true), None);
         // A message with no body (SWITCHOVER_ACK) counts like any other.
         let mut ack = ReturnPathWatch::default();
         ack.feed(&message(7, &[]));
-        assert_eq!(ack.loaded(), Some(false));
+        assert_eq!(ack.loaded(false), Some(false));
         ack.feed(&shut);
-        assert_eq!(ack.loaded(), Some(true));
+        assert_eq!(ack.loaded(false), Some(true));
     }
 
     #[test]
@@ -164,15 +169,15 @@ mod tests {
         let mut tls = ReturnPathWatch::default();
         tls.feed(&[0x16, 0x03, 0x03, 0x00, 0x2a]);
         tls.feed(&message(1, &1u32.to_be_bytes()));
-        assert_eq!(tls.loaded(), None);
+        assert_eq!(tls.loaded(false), None);
         // An unknown message type, and a SHUT of the wrong length.
         for bytes in [message(9, &[0; 4]), message(1, &[0; 8])] {
             let mut w = ReturnPathWatch::default();
             w.feed(&bytes);
             w.feed(&message(1, &0u32.to_be_bytes()));
-            assert_eq!(w.loaded(), None);
+            assert_eq!(w.loaded(false), None);
         }
         // Nothing at all.
-        assert_eq!(ReturnPathWatch::default().loaded(), None);
+        assert_eq!(ReturnPathWatch::default().loaded(false), None);
     }
 }

@@ -52,7 +52,17 @@ const FOOTER: u8 = 0x7E;
 
 const CMD_OPEN_RETURN_PATH: u16 = 1;
 const CMD_PING: u16 = 2;
+const CMD_POSTCOPY_RESUME: u16 = 9;
+const CMD_RECV_BITMAP: u16 = 10;
 const CMD_SWITCHOVER_START: u16 = 11;
+
+/// Whether `head`, a connection's first bytes, opens a postcopy migration resumed after a
+/// failure (QMP `migrate` with `resume: true`): the source QEMU sends no header then, and starts
+/// with a command, RECV_BITMAP for each RAM block (or POSTCOPY_RESUME when it has none to ask).
+pub(crate) fn opens_postcopy_resume(head: &[u8]) -> bool {
+    matches!(head, [COMMAND, a, b, ..]
+        if matches!(u16::from_be_bytes([*a, *b]), CMD_RECV_BITMAP | CMD_POSTCOPY_RESUME))
+}
 
 /// RAM record flags (the low bits of a record's be64 header).
 pub mod flags {
