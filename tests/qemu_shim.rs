@@ -1283,7 +1283,7 @@ fn a_cancelled_migration_in_opaque_mode_is_failed_by_the_destinations_return_pat
         assert_eq!(summary["destination_loaded"], false, "{summary}");
         let error = summary["error"].as_str().unwrap_or_default();
         assert!(
-            error.contains("the destination QEMU could not load the migration"),
+            error.contains("the destination QEMU did not confirm"),
             "{side}: {error}"
         );
         assert!(text.contains("FAILED"), "{side}: {text}");

@@ -288,7 +288,7 @@ impl Summary {
             text.push_str(if loaded {
                 "\n  the destination QEMU loaded it (it said so on the return path)"
             } else {
-                "\n  the destination QEMU could not load it (it said so on the return path)"
+                "\n  the destination QEMU did not confirm on its return path that it loaded it"
             });
         }
         if let Some(e) = &self.error {
@@ -590,9 +590,9 @@ impl Session {
                 .or_else(|| self.unfinished.lock().expect("not poisoned").clone())
                 .or_else(|| {
                     (destination_loaded == Some(false)).then(|| {
-                        "the destination QEMU could not load the migration (it said so on its \
-                         return path): the source cancelled it, or the destination QEMU refused \
-                         what it read (its log says why)"
+                        "the destination QEMU did not confirm on its return path that it \
+                         loaded the migration: the source cancelled it, or the destination QEMU \
+                         refused what it read (its log says why)"
                             .to_string()
                     })
                 }),
