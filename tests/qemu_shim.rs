@@ -1269,7 +1269,19 @@ fn a_cancelled_migration_in_opaque_mode_is_failed_by_the_destinations_return_pat
     wait_under_way(&mut s.src, 16 << 20);
     s.src.qmp.execute("migrate_cancel", json!({})).unwrap();
     let info = s.src.wait_migration(Duration::from_secs(60)).unwrap();
-    assert_eq!(info["status"], "cancelled", "{info}");
+    // QEMU 7.2 with the return path sometimes reports its own cancel as failed ("Unable to
+    // write to socket: Broken pipe": its migration thread writing on the socket the cancel has
+    // just shut down). It does so without the shims too: 1 of 6 native migrations cancelled
+    // the same way.
+    let status = info["status"].as_str().unwrap_or_default();
+    assert!(
+        status == "cancelled"
+            || (status == "failed"
+                && info["error-desc"] == "Unable to write to socket: Broken pipe"),
+        "{info}\nsend: {}\nrecv: {}",
+        read_log(&dir, "send.log"),
+        read_log(&dir, "recv.log")
+    );
     assert_eq!(s.src.status().unwrap(), "running", "the source VM runs on");
     for (p, json, side, log) in [
         (&mut s.send, "send.json", "source shim", "send.log"),
