@@ -197,9 +197,9 @@ struct Sides<'a> {
     dst_params: Option<serde_json::Value>,
     /// Both shims stay up after a migration (no `--once`).
     stay_up: bool,
-    /// QEMU's own TLS between the two QEMUs, with the certificates in this directory
-    /// ([`tls_certificates`]).
-    tls: Option<&'a Path>,
+    /// QEMU's own TLS between the two QEMUs, with certificates the test makes in its scratch
+    /// directory ([`tls_certificates`]).
+    tls: bool,
 }
 
 /// Like [`setup_with`], with whatever differs between the hosts in `sides`.
@@ -221,11 +221,12 @@ fn setup_sides(
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
     let dir = scratch.0.clone();
+    let certs = tls.then(|| tls_certificates(&dir));
     let dst_sock = dir.join("dst.sock");
     let port = free_port();
     let mut dst = vm(&guest, &dir, "dst", Some("defer"), dirty_rate);
     let mut params = params;
-    if let Some(certs) = tls {
+    if let Some(certs) = &certs {
         add_tls_credentials(&mut dst, certs, "server");
         params["tls-creds"] = json!("tls0");
     }
@@ -242,7 +243,7 @@ fn setup_sides(
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
     src.capabilities(caps).unwrap();
-    if let Some(certs) = tls {
+    if let Some(certs) = &certs {
         add_tls_credentials(&mut src, certs, "client");
         // The certificate names the destination "localhost"; over a unix socket QEMU needs
         // the name it is to check.
@@ -594,10 +595,8 @@ fn a_running_destination_gets_the_pages_it_asks_for_over_postcopy_preempt() {
 /// like the others, and is carried by its order.
 #[test]
 fn a_postcopy_preempt_migration_under_tls_completes_through_the_shim() {
-    let scratch = Scratch::new("tls-preempt-certs");
-    let certs = tls_certificates(&scratch.0);
     let sides = Sides {
-        tls: Some(&certs),
+        tls: true,
         ..Sides::default()
     };
     let s = setup_sides("tls-preempt", PREEMPT_CAPS, json!({}), 2000, sides);
@@ -1323,10 +1322,8 @@ fn add_tls_credentials(vm: &mut QemuVm, certs: &Path, endpoint: &str) {
 /// they come, and carry each opaque; the two QEMUs authenticate each other through them.
 #[test]
 fn a_tls_migration_is_carried_opaque() {
-    let scratch = Scratch::new("tls-certs");
-    let certs = tls_certificates(&scratch.0);
     let sides = Sides {
-        tls: Some(&certs),
+        tls: true,
         ..Sides::default()
     };
     let s = setup_sides("tls", &[("return-path", true)], json!({}), 2000, sides);
@@ -1337,10 +1334,8 @@ fn a_tls_migration_is_carried_opaque() {
 /// done, each encrypted too; the destination QEMU reads their ids inside TLS.
 #[test]
 fn a_tls_migration_with_multifd_is_carried_opaque() {
-    let scratch = Scratch::new("tls-multifd-certs");
-    let certs = tls_certificates(&scratch.0);
     let sides = Sides {
-        tls: Some(&certs),
+        tls: true,
         ..Sides::default()
     };
     let s = setup_sides(
