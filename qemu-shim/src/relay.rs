@@ -1108,8 +1108,15 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                     *session.mode.lock().expect("not poisoned") =
                         Some(format!("{OPAQUE_MODE}, as asked (--mode opaque)"));
                 }
-                let mut link = TcpStream::connect_timeout(&to, Duration::from_secs(10))
-                    .map_err(|e| format!("cannot reach the destination shim {to}: {e}"))?;
+                // A resumed postcopy waits for the destination shim as long as a lost link
+                // would: QEMU 7.2's source, its resume connection closed unanswered, stays in
+                // postcopy-recover for good, so the shims may be restarted in any order.
+                let patience = if opening == Opening::Resumed {
+                    config.link_timeout
+                } else {
+                    Duration::ZERO
+                };
+                let mut link = connect_destination(to, patience)?;
                 link.set_nodelay(true).map_err(|e| e.to_string())?;
                 link::watch_liveness(&link, config.link_timeout).map_err(|e| e.to_string())?;
                 link.set_read_timeout(Some(config.link_timeout))
@@ -1140,6 +1147,21 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                 );
             }
         });
+    }
+}
+
+/// Connects to the destination shim, trying again for `patience` while it refuses (not yet
+/// started).
+fn connect_destination(to: SocketAddr, patience: Duration) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+            Ok(link) => return Ok(link),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(format!("cannot reach the destination shim {to}: {e}")),
+        }
     }
 }
 
