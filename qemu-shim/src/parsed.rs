@@ -48,7 +48,7 @@ use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
 use crate::multifd::{self, MultifdOut};
 use crate::relay::{
     Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, WatchedReader,
-    WatchedWriter, connect_qemu,
+    WatchedWriter, connect_destination, connect_qemu,
 };
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
 
@@ -513,8 +513,7 @@ fn source_return_path(
     config: &SourceConfig,
     to: SocketAddr,
 ) -> Result<std::thread::JoinHandle<Result<(), String>>, String> {
-    let mut link = TcpStream::connect_timeout(&to, Duration::from_secs(10))
-        .map_err(|e| format!("cannot reach the destination shim {to}: {e}"))?;
+    let mut link = connect_destination(to, Duration::ZERO)?;
     authenticate(
         &mut link,
         config.key.as_ref(),

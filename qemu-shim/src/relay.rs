@@ -1152,7 +1152,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
 
 /// Connects to the destination shim, trying again for `patience` while it refuses (not yet
 /// started).
-fn connect_destination(to: SocketAddr, patience: Duration) -> Result<TcpStream, String> {
+pub(crate) fn connect_destination(to: SocketAddr, patience: Duration) -> Result<TcpStream, String> {
     let deadline = Instant::now() + patience;
     loop {
         match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
