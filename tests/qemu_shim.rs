@@ -636,34 +636,10 @@ fn a_postcopy_migration_resumes_through_the_shims_after_a_shim_dies() {
     let dir = s.scratch.0.clone();
     // Only once the destination runs postcopy (it has loaded the device state) can it pause
     // rather than fail.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = s.dst.qmp.execute("query-migrate", json!({})).unwrap();
-        if info["status"] == "postcopy-active" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the destination: {info}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_status(&mut s.dst, "destination", "postcopy-active", &dir);
     let _ = s.recv.0.kill();
-    for (vm, side) in [(&mut s.src, "source"), (&mut s.dst, "destination")] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let info = match vm.qmp.execute("query-migrate", json!({})) {
-                Ok(info) => info,
-                Err(e) => panic!("the {side} QEMU: {e} (running: {})", vm.alive()),
-            };
-            match info["status"].as_str().unwrap_or_default() {
-                "postcopy-paused" => break,
-                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                _ => panic!(
-                    "the {side} QEMU did not pause: {info}\nsend: {}\nrecv: {}",
-                    read_log(&dir, "send.log"),
-                    read_log(&dir, "recv.log")
-                ),
-            }
-        }
-    }
+    wait_status(&mut s.src, "source", "postcopy-paused", &dir);
+    wait_status(&mut s.dst, "destination", "postcopy-paused", &dir);
     let dst_uri = format!("unix:{}", dir.join("dst.sock").display());
     s.dst
         .qmp
@@ -714,6 +690,28 @@ const POSTCOPY_SAYS: &[&str] = &[
     "mode opaque (the main channel's stream cannot be parsed: postcopy",
     LOADED,
 ];
+
+/// Waits up to 30 s for `vm` (the `side` QEMU) to report migration status `status`; the
+/// shims' logs in `dir` say why if it does not.
+fn wait_status(vm: &mut QemuVm, side: &str, status: &str, dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = match vm.qmp.execute("query-migrate", json!({})) {
+            Ok(info) => info,
+            Err(e) => panic!("the {side} QEMU: {e} (running: {})", vm.alive()),
+        };
+        if info["status"] == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the {side} QEMU never reached {status}: {info}\nsend: {}\nrecv: {}",
+            read_log(dir, "send.log"),
+            read_log(dir, "recv.log")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// Starts migrating and switches to postcopy once it is under way.
 fn switch_to_postcopy(mut s: Setup) -> Setup {
