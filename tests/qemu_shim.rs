@@ -134,6 +134,7 @@ fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate:
             incoming: incoming.map(str::to_string),
             paused: incoming.is_some(),
             netns: None,
+            prealloc: false,
         },
     )
     .expect("QEMU starts")
@@ -1122,6 +1123,7 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
             incoming: Some(format!("unix:{}", dst_sock.display())),
             paused: true,
             netns: None,
+            prealloc: false,
         },
     )
     .expect("QEMU starts");

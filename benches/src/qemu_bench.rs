@@ -134,6 +134,11 @@ pub struct QemuBenchConfig {
     pub repeat: u32,
     /// Print the shims' log lines (progress and summaries, with pages by class) to stderr.
     pub shim_log: bool,
+    /// Start every destination QEMU with its memory preallocated (`-mem-prealloc`), so that no
+    /// method pays the first write to fresh guest memory during its migration (see
+    /// `docs/benchmarks.md`: on a VM host that takes freed memory back, that first write costs
+    /// more CPU than the shims' compression). Not the configuration the targets are set for.
+    pub prealloc_destination: bool,
 }
 
 /// One method's figures.
@@ -181,6 +186,8 @@ pub struct QemuBenchReport {
     pub time_limit_s: f64,
     /// Rounds run.
     pub repeat: u32,
+    /// Whether the destination QEMUs ran with their memory preallocated (`-mem-prealloc`).
+    pub prealloc_destination: bool,
     /// Every run, round by round.
     pub results: Vec<MethodResult>,
     /// Per method, over its runs.
@@ -362,9 +369,11 @@ fn run_method(
         incoming: None,
         paused: false,
         netns: netns.map(str::to_string),
+        prealloc: false,
     };
     let mut dst_cfg = vm_config("dst", (!shim).then(|| pair.dst_ns()));
     dst_cfg.incoming = Some("defer".into());
+    dst_cfg.prealloc = config.prealloc_destination;
     let mut dst = QemuVm::start(guest, &dst_cfg).map_err(err)?;
     // XBZRLE is a source-side capability; the destination decodes its pages regardless.
     if method != Method::Xbzrle {
@@ -633,6 +642,7 @@ pub fn run(
         dirty_rate: config.dirty_rate,
         time_limit_s: config.time_limit.as_secs_f64(),
         repeat: config.repeat,
+        prealloc_destination: config.prealloc_destination,
         results,
         summary,
         comparison,

@@ -80,6 +80,10 @@ pub struct VmConfig {
     /// Run QEMU in this network namespace (`ip netns exec`), so that its TCP migration uses the
     /// namespace's link.
     pub netns: Option<String>,
+    /// Back all guest memory when QEMU starts (`-mem-prealloc`) rather than as it is first
+    /// written: a destination then loads a migration into memory the kernel has already
+    /// allocated and cleared.
+    pub prealloc: bool,
 }
 
 /// A running QEMU.
@@ -157,6 +161,9 @@ impl QemuVm {
         }
         if config.paused {
             cmd.arg("-S");
+        }
+        if config.prealloc {
+            cmd.arg("-mem-prealloc");
         }
         let child = cmd.spawn().map_err(VmError::Start)?;
         let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20))?;
@@ -304,6 +311,20 @@ impl QemuVm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The QEMU process's resident memory (`VmRSS`), bytes.
+    pub fn resident_bytes(&self) -> Result<u64, VmError> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path)
+            .map_err(|e| VmError::Guest(format!("cannot read {path}: {e}")))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map(|kib| kib << 10)
+            .ok_or_else(|| VmError::Guest(format!("{path} has no VmRSS line in kB")))
     }
 
     /// Whether the QEMU process is still alive.

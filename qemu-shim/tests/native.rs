@@ -31,6 +31,7 @@ fn native_migration_gives_identical_memory() {
         incoming,
         paused: false,
         netns: None,
+        prealloc: false,
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))
@@ -54,5 +55,43 @@ fn native_migration_gives_identical_memory() {
     let x = src.memory(&dir.join("src.mem"), ram).unwrap();
     let y = dst.memory(&dir.join("dst.mem"), ram).unwrap();
     check_identical(&x, &y, "after a native migration").unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `prealloc` (the benchmark's `--prealloc-destination`) backs all guest memory when QEMU
+/// starts: a destination waiting for a migration is already resident at the guest's size, where
+/// one without it holds little more than QEMU itself.
+#[test]
+fn preallocated_memory_is_resident_before_the_migration() {
+    let guest = Guest::locate(&workspace()).expect("test guest");
+    let dir = std::env::temp_dir().join(format!("ps-prealloc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let memory_mib = 256;
+    let resident = |prealloc: bool| {
+        let config = VmConfig {
+            name: format!("dst-prealloc-{prealloc}"),
+            dir: dir.clone(),
+            memory_mib,
+            fill_mib: 0,
+            dirty_rate: 0,
+            incoming: Some("defer".into()),
+            paused: false,
+            netns: None,
+            prealloc,
+        };
+        let vm = QemuVm::start(&guest, &config).unwrap();
+        vm.resident_bytes().unwrap()
+    };
+    let guest_bytes = ram_bytes(memory_mib);
+    let on_demand = resident(false);
+    let preallocated = resident(true);
+    assert!(
+        preallocated >= guest_bytes,
+        "with -mem-prealloc QEMU holds {preallocated} bytes, less than the guest's {guest_bytes}"
+    );
+    assert!(
+        on_demand < guest_bytes / 2,
+        "without it a waiting destination should hold little: {on_demand} bytes"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

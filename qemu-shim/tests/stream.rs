@@ -81,6 +81,7 @@ fn a_real_stream_parsed_and_rebuilt_loads_bit_identical() {
         incoming: incoming.clone(),
         paused: incoming.is_some(),
         netns: None,
+        prealloc: false,
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))
