@@ -589,6 +589,13 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         if return_path {
             assert_eq!(summary["destination_loaded"], true, "{side}: {summary}");
         }
+        // The source QEMU finished its stream, as its last bytes show (not under TLS).
+        let finished = if tls {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::Bool(true)
+        };
+        assert_eq!(summary["source_finished"], finished, "{side}: {summary}");
     }
     assert!(
         received[0]["verified_streams"].as_u64() >= Some(1),

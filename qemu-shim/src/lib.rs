@@ -11,4 +11,5 @@ pub mod qmp;
 pub mod relay;
 mod return_path;
 pub mod stream;
+mod stream_end;
 pub mod vm;

@@ -47,7 +47,7 @@ use pagestream_transport::{
 use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
 use crate::multifd::{self, MultifdOut};
 use crate::relay::{
-    Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, WatchedReader,
+    Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, Watch, WatchedReader,
     WatchedWriter, connect_destination, connect_qemu,
 };
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
@@ -74,10 +74,18 @@ const BLOB_BYTES_THEN_PAGES: u8 = 4;
 /// migration failed for this reason rather than complete (`Session::unfinished`: nothing is
 /// shut down, so that both return paths end in order and no echo of a failure hides why).
 const BLOB_ENDED_EARLY: u8 = 5;
+/// First byte of a blob, empty otherwise: the source QEMU's stream ended as a finished
+/// migration's does ([`stream::Ending::Finished`]), for the destination's summary.
+const BLOB_FINISHED: u8 = 6;
 
 /// Why a migration whose stream ended early failed, as both shims report it.
 const ENDED_EARLY: &str = "the source QEMU ended its migration stream before the device state, \
      in the RAM phase: the migration was cancelled or failed at the source";
+/// Why a migration whose stream ended past the RAM phase, but not as a finished migration's
+/// does ([`stream::Ending::Cut`]), failed.
+const ENDED_CUT: &str = "the source QEMU ended its migration stream midway, past the RAM phase \
+     (its last bytes are not the end of a migration): the migration was cancelled or failed at \
+     the source";
 
 /// Why a stream the source stopped parsing cannot feed a destination QEMU's multifd channels.
 pub(crate) const UNPARSED_FOR_MULTIFD: &str = "the source shim stopped parsing QEMU's stream before its device state (see its summary): \
@@ -466,17 +474,33 @@ pub(crate) fn source_main(
         .send_blob(out.generation, &note)
         .map_err(|e| full_message(&e))?;
     let mut blob_bytes = out.blob_bytes + note.len() as u64;
-    if ending == stream::Ending::Early {
+    let ended_early = match ending {
+        stream::Ending::Early => Some(ENDED_EARLY),
+        stream::Ending::Cut => Some(ENDED_CUT),
+        stream::Ending::Finished | stream::Ending::AfterRam | stream::Ending::NotFollowed => None,
+    };
+    *session.stream_told.lock().expect("not poisoned") = match ending {
+        stream::Ending::Finished => Some(true),
+        stream::Ending::Early | stream::Ending::Cut => Some(false),
+        stream::Ending::AfterRam | stream::Ending::NotFollowed => None,
+    };
+    if ending == stream::Ending::Finished {
+        out.sender
+            .send_blob(out.generation, &[BLOB_FINISHED])
+            .map_err(|e| full_message(&e))?;
+        blob_bytes += 1;
+    }
+    if let Some(why) = ended_early {
         // Every byte was carried, but the migration did not end: not a completed one, on
         // either side. Said without shutting anything down, so that the return paths wind
         // down in order.
         let mut note = vec![BLOB_ENDED_EARLY];
-        note.extend_from_slice(ENDED_EARLY.as_bytes());
+        note.extend_from_slice(why.as_bytes());
         out.sender
             .send_blob(out.generation, &note)
             .map_err(|e| full_message(&e))?;
         blob_bytes += note.len() as u64;
-        session.unfinished(ENDED_EARLY.into());
+        session.unfinished(why.into());
     }
     let summary = out
         .sender
@@ -537,7 +561,7 @@ fn source_return_path(
         let (raw, wire) = session.direction(false);
         let mut to_qemu = WatchedWriter {
             inner: &mut qemu_out,
-            watch: Some(&*session),
+            watch: Watch::ReturnPath(&session),
         };
         let received = link::from_link(&mut link, &mut to_qemu, |r, w| {
             raw.fetch_add(r, Ordering::Relaxed);
@@ -877,6 +901,8 @@ struct Rebuild<'a> {
     mode: Option<String>,
     /// Why the migration did not end, when the source QEMU's stream ended early.
     ended_early: Option<String>,
+    /// The source said its QEMU's stream ended as a finished migration's does.
+    source_finished: bool,
     /// The destination QEMU's multifd channels, when it loads pages over them.
     multifd: Option<MultifdOut>,
     /// The destination QEMU read the first bytes of its main channel.
@@ -962,6 +988,10 @@ impl Rebuild<'_> {
             }
             BLOB_ENDED_EARLY => {
                 self.ended_early = Some(String::from_utf8_lossy(body).into_owned());
+                Ok(())
+            }
+            BLOB_FINISHED => {
+                self.source_finished = true;
                 Ok(())
             }
             other => Err(format!("a blob of unknown kind {other}")),
@@ -1176,6 +1206,7 @@ pub(crate) fn destination_main(
         session,
         mode: None,
         ended_early: None,
+        source_finished: false,
         multifd: multifd_out,
         qemu_reads: false,
     };
@@ -1281,6 +1312,9 @@ pub(crate) fn destination_main(
     *session.mode.lock().expect("not poisoned") = Some(mode);
     if let Some(why) = rebuild.ended_early.take() {
         session.unfinished(why);
+        *session.stream_told.lock().expect("not poisoned") = Some(false);
+    } else if rebuild.source_finished {
+        *session.stream_told.lock().expect("not poisoned") = Some(true);
     }
     Ok(())
 }
@@ -1316,7 +1350,7 @@ pub(crate) fn destination_return_path(
         let (raw, wire) = session.direction(false);
         let mut from_qemu = WatchedReader {
             inner: &mut qemu,
-            watch: Some(&**session),
+            watch: Watch::ReturnPath(session),
         };
         link::to_link(&mut from_qemu, &mut link_out, Compression::Lz4, |r, w| {
             raw.fetch_add(r, Ordering::Relaxed);

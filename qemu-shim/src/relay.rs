@@ -30,6 +30,7 @@ use crate::multifd::QemuMultifd;
 use crate::parsed;
 use crate::return_path::ReturnPathWatch;
 use crate::stream;
+use crate::stream_end::{EndWatch, StreamEnd};
 
 /// A QEMU-side endpoint: `unix:PATH` or `tcp:HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,6 +217,11 @@ pub struct Summary {
     /// `postcopy-ram`): it loaded the migration, or it could not. `None`: it said nothing this
     /// shim could read (no return path, QEMU's own TLS, or it never got that far).
     pub destination_loaded: Option<bool>,
+    /// Whether the source QEMU finished its migration stream, by its last bytes (see
+    /// `stream_end.rs`): `false`, it stopped midway (cancelled, or failed at the source).
+    /// `None`: they cannot tell (QEMU's own TLS; a stream that ends in a bare EOF byte; parsing
+    /// mode's destination when the source could not tell either).
+    pub source_finished: Option<bool>,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -242,6 +248,7 @@ impl Summary {
             "verified_streams": self.verified,
             "pages": pages,
             "destination_loaded": self.destination_loaded,
+            "source_finished": self.source_finished,
             "error": self.error,
         })
     }
@@ -284,6 +291,11 @@ impl Summary {
              parsed pages: frame checksums and counts)",
             self.verified, self.connections
         ));
+        if self.source_finished == Some(true) {
+            text.push_str(
+                "\n  the source QEMU finished its stream (it ends as a whole migration's does)",
+            );
+        }
         if let Some(loaded) = self.destination_loaded {
             text.push_str(if loaded {
                 "\n  the destination QEMU loaded it (it said so on the return path)"
@@ -347,6 +359,11 @@ pub(crate) struct Session {
     members: Mutex<Members>,
     /// The main channel's return path, read as it passes.
     pub(crate) return_path: Mutex<ReturnPathWatch>,
+    /// Opaque mode: the main channel's migration stream, read as it passes for its last bytes.
+    pub(crate) stream_end: Mutex<EndWatch>,
+    /// Parsing mode: whether the source QEMU finished its stream, as the parser told it (it
+    /// reads the stream's last bytes itself).
+    pub(crate) stream_told: Mutex<Option<bool>>,
     /// Source: the main channel runs in parsing mode. Its stream showed no postcopy, so its QEMU
     /// opens no [`StreamKind::Unannounced`] connection.
     pub(crate) parsing: AtomicBool,
@@ -444,6 +461,8 @@ impl Session {
             members: Mutex::new(Members::default()),
             parsing: AtomicBool::new(false),
             return_path: Mutex::new(ReturnPathWatch::default()),
+            stream_end: Mutex::new(EndWatch::new()),
+            stream_told: Mutex::new(None),
         })
     }
 
@@ -563,6 +582,14 @@ impl Session {
             .lock()
             .expect("not poisoned")
             .loaded(failed.is_some());
+        let told = *self.stream_told.lock().expect("not poisoned");
+        let source_finished = told.or(
+            match self.stream_end.lock().expect("not poisoned").verdict() {
+                StreamEnd::Finished => Some(true),
+                StreamEnd::Cut => Some(false),
+                StreamEnd::Unknown => None,
+            },
+        );
         Summary {
             session: self.hex(),
             mode: self
@@ -584,10 +611,12 @@ impl Session {
             verified: self.verified.load(Ordering::Relaxed) as u32,
             pages: *self.pages.lock().expect("not poisoned"),
             destination_loaded,
-            // What this shim saw first; then what the destination QEMU said (in opaque mode,
-            // where a shim cannot tell a cut stream from a whole one, the only word).
+            source_finished,
+            // What this shim saw first; then how the source's stream ended; then what the
+            // destination QEMU said (the only word where the stream's end cannot tell).
             error: failed
                 .or_else(|| self.unfinished.lock().expect("not poisoned").clone())
+                .or_else(|| (source_finished == Some(false)).then(|| STREAM_CUT.to_string()))
                 .or_else(|| {
                     (destination_loaded == Some(false)).then(|| {
                         "the destination QEMU did not confirm on its return path that it \
@@ -664,46 +693,80 @@ pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
     });
 }
 
-/// Reads from `inner`, showing the bytes to `watch`'s return-path watch if any: the
-/// destination shim reading its QEMU's return path.
+/// Why a migration whose stream the source QEMU stopped midway failed (opaque mode).
+const STREAM_CUT: &str = "the source QEMU ended its migration stream midway (its last bytes \
+     are not the end of a migration): the migration was cancelled or failed at the source";
+
+/// Which of a session's watches reads the bytes a relay moves: those of the main channel only.
+#[derive(Clone, Copy)]
+pub(crate) enum Watch<'a> {
+    Nothing,
+    /// The return path ([`ReturnPathWatch`]).
+    ReturnPath(&'a Session),
+    /// The migration stream's end ([`EndWatch`]).
+    StreamEnd(&'a Session),
+}
+
+impl Watch<'_> {
+    /// The watch for the main channel's bytes in one direction (`forward`: the migration
+    /// stream), or none for another connection.
+    pub(crate) fn of(session: &Session, main: bool, forward: bool) -> Watch<'_> {
+        match (main, forward) {
+            (false, _) => Watch::Nothing,
+            (true, true) => Watch::StreamEnd(session),
+            (true, false) => Watch::ReturnPath(session),
+        }
+    }
+
+    fn feed(self, bytes: &[u8]) {
+        match self {
+            Watch::Nothing => {}
+            Watch::ReturnPath(session) => session
+                .return_path
+                .lock()
+                .expect("not poisoned")
+                .feed(bytes),
+            Watch::StreamEnd(session) => {
+                session.stream_end.lock().expect("not poisoned").feed(bytes)
+            }
+        }
+    }
+}
+
+/// Reads from `inner`, showing the bytes to `watch`: the source shim reading its QEMU's
+/// migration stream, the destination shim reading its QEMU's return path.
 pub(crate) struct WatchedReader<'a, R> {
     pub(crate) inner: R,
-    pub(crate) watch: Option<&'a Session>,
+    pub(crate) watch: Watch<'a>,
 }
 
 impl<R: Read> Read for WatchedReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if let Some(session) = self.watch {
-            let mut watch = session.return_path.lock().expect("not poisoned");
-            watch.feed(&buf[..n]);
-        }
+        self.watch.feed(&buf[..n]);
         Ok(n)
     }
 }
 
-/// Writes to `inner`, showing the bytes to `watch`'s return-path watch if any: the source
-/// shim handing the return path to its QEMU.
+/// Writes to `inner`, showing the bytes to `watch`: the destination shim handing the migration
+/// stream to its QEMU, the source shim handing it the return path.
 pub(crate) struct WatchedWriter<'a, W> {
     pub(crate) inner: W,
-    pub(crate) watch: Option<&'a Session>,
+    pub(crate) watch: Watch<'a>,
 }
 
 impl<W: Write> Write for WatchedWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let written = self.inner.write(buf);
-        if let Some(session) = self.watch {
-            // Bytes the destination sent count even when this QEMU can no longer take them (a
-            // cancelled migration's QEMU closes its end): the watch reads what was said.
-            // (An interrupted write is tried again with the same bytes: not seen yet.)
-            let seen = match &written {
-                Ok(n) => &buf[..*n],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => &[],
-                Err(_) => buf,
-            };
-            let mut watch = session.return_path.lock().expect("not poisoned");
-            watch.feed(seen);
-        }
+        // Bytes the other side sent count even when this QEMU can no longer take them (a
+        // cancelled migration's QEMU closes its end): the watch reads what was said. (An
+        // interrupted write is tried again with the same bytes: not seen yet.)
+        let seen = match &written {
+            Ok(n) => &buf[..*n],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => &[],
+            Err(_) => buf,
+        };
+        self.watch.feed(seen);
         written
     }
 
@@ -746,9 +809,11 @@ fn relay(
         let session = session.clone();
         std::thread::spawn(move || -> Result<(), String> {
             let (raw, wire) = session.direction(!forward);
+            // What comes from the link: the return path on the source shim, the migration
+            // stream on the destination shim.
             let mut to_qemu = WatchedWriter {
                 inner: &mut qemu_out,
-                watch: (forward && main).then_some(&*session),
+                watch: Watch::of(&session, main, !forward),
             };
             link::from_link(&mut link_in, &mut to_qemu, |r, w| {
                 raw.fetch_add(r, Ordering::Relaxed);
@@ -771,7 +836,7 @@ fn relay(
     let (raw, wire) = session.direction(forward);
     let mut from_qemu = WatchedReader {
         inner: prefix.as_slice().chain(&mut qemu),
-        watch: (!forward && main).then_some(&**session),
+        watch: Watch::of(session, main, forward),
     };
     let outgoing = link::to_link(&mut from_qemu, &mut link_out, compression, |r, w| {
         raw.fetch_add(r, Ordering::Relaxed);
@@ -1617,6 +1682,7 @@ mod tests {
             verified: 1,
             pages: Some(pages),
             destination_loaded: Some(true),
+            source_finished: Some(true),
             error: None,
         };
         let json = summary.to_json("source shim");
@@ -1631,6 +1697,12 @@ mod tests {
         assert_eq!(json["pages"]["lz4"], 3);
         assert_eq!(json["error"], serde_json::Value::Null);
         assert_eq!(json["destination_loaded"], true);
+        assert_eq!(json["source_finished"], true);
+        assert!(
+            summary
+                .render("source shim")
+                .contains("the source QEMU finished its stream")
+        );
         let failed = Summary {
             error: Some("the other shim stopped answering".into()),
             pages: None,

@@ -8,8 +8,8 @@
 //! fails to load, as on a cut stream; a SHUT of 1 also says it failed). The source QEMU waits for
 //! SHUT before it reports "completed", and takes a return path that ends without it as a failed
 //! migration. The shims relay those bytes untouched; this watch reads them on the way, so that a
-//! shim can tell a failed migration even where it carries the stream opaque and cannot tell a
-//! cut stream from a whole one.
+//! shim hears the destination QEMU's own word, besides what the stream's last bytes say of the
+//! source's (`stream_end.rs`), and even under QEMU's own TLS, where those say nothing.
 //!
 //! The watch never guesses: bytes that are not a well-formed message (a TLS record, with QEMU's
 //! own TLS) end it, and it then says nothing.

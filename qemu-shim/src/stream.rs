@@ -24,10 +24,13 @@
 //! not fit the RAM blocks) ends parsing: an [`Event::PassThrough`] says why, and every byte from
 //! the first one it did not understand comes as [`Event::Bytes`]. The device state after the
 //! RAM's END carries no lengths (only the trailing vmdesc JSON describes it), so the parser
-//! passes it through too, as expected.
+//! passes it through too, as expected. What passes through is read for its last bytes
+//! ([`crate::stream_end`]), which say whether QEMU finished the stream or stopped midway.
 //!
 //! Invariant, relied on by the shims and checked by the tests: every input byte is accounted for
 //! exactly once, either inside [`Event::Bytes`] or as the `record_len` of a page event.
+
+use crate::stream_end::{EndWatch, StreamEnd};
 
 /// Page size of the x86-64 targets the shim supports.
 pub const TARGET_PAGE_SIZE: usize = 4096;
@@ -287,21 +290,31 @@ pub struct Parser {
     position: u64,
     /// Once passing through: whether that is the normal course of a stream.
     passed_through_expected: Option<bool>,
+    /// Reads what passes through, to tell at the end whether QEMU finished the stream.
+    end: EndWatch,
 }
 
 /// How far the parser followed a stream that ended ([`Parser::finish`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
+    /// It ends as a finished migration's stream does ([`crate::stream_end`]).
+    Finished,
     /// Past the RAM phase, in the device state or at the end of the stream, where a
-    /// migration's stream ends (the parser follows it no further).
+    /// migration's stream ends (the parser follows it no further), and its last bytes do not
+    /// say whether it is whole.
     AfterRam,
     /// Before the device state: the source QEMU stopped sending before the end of its
     /// migration, which it cancelled or which failed there. The destination QEMU cannot load
     /// such a stream.
     Early,
     /// The parser had stopped following the stream before, at something it does not
-    /// understand: only the destination QEMU can tell whether the stream is whole.
+    /// understand, and its last bytes do not say whether it is whole: only the destination
+    /// QEMU can tell.
     NotFollowed,
+    /// Past where the parser follows the stream, its last bytes are not the end of a
+    /// migration ([`crate::stream_end`]): the source QEMU stopped midway, in its device state
+    /// or wherever the parser stopped following.
+    Cut,
 }
 
 impl Default for Parser {
@@ -320,6 +333,7 @@ impl Parser {
             last_block: None,
             position: 0,
             passed_through_expected: None,
+            end: EndWatch::watching(),
         }
     }
 
@@ -442,11 +456,7 @@ impl Parser {
     /// The stream ended with `rest` not parsed (an item cut short): it is carried as it is, and
     /// the destination QEMU will judge it. Says how far the stream got.
     pub fn finish(&mut self, rest: &[u8], emit: &mut dyn FnMut(Event<'_>)) -> Ending {
-        let ending = match self.passed_through_expected {
-            Some(true) => Ending::AfterRam,
-            Some(false) => Ending::NotFollowed,
-            None => Ending::Early,
-        };
+        let followed = self.passed_through_expected;
         if !rest.is_empty() {
             if self.state != State::PassThrough {
                 self.state = State::PassThrough;
@@ -456,16 +466,26 @@ impl Parser {
                     at: self.position,
                 });
             }
+            self.end.feed(rest);
             emit(Event::Bytes(rest));
             self.position += rest.len() as u64;
         }
-        ending
+        match (followed, self.end.verdict()) {
+            (None, _) => Ending::Early,
+            (Some(_), StreamEnd::Finished) => Ending::Finished,
+            (Some(_), StreamEnd::Cut) => Ending::Cut,
+            (Some(true), StreamEnd::Unknown) => Ending::AfterRam,
+            (Some(false), StreamEnd::Unknown) => Ending::NotFollowed,
+        }
     }
 
     fn step(&mut self, rest: &[u8]) -> Item {
         let mut c = Cursor::new(rest);
         match self.state {
-            State::PassThrough => Item::Bytes(rest.len()),
+            State::PassThrough => {
+                self.end.feed(rest);
+                Item::Bytes(rest.len())
+            }
             State::Header => {
                 let Some(head) = c.take(8) else {
                     return if rest.len() >= 4 && &rest[..4] != QEVM {
@@ -504,6 +524,8 @@ impl Parser {
                 if printable(name).is_none() {
                     return stop("a machine type name that is not text");
                 }
+                // QEMU sends the configuration and section footers, or neither.
+                self.end.expect_footers();
                 self.state = State::ConfigSubsections;
                 Item::Bytes(c.at)
             }
@@ -1068,7 +1090,7 @@ mod tests {
         assert_eq!(whole.sections_ended, 4);
         let (reason, expected, _) = whole.pass_through.clone().expect("device state");
         assert!(expected && reason.contains("device state"), "{reason}");
-        assert_eq!(whole.ending, Some(Ending::AfterRam));
+        assert_eq!(whole.ending, Some(Ending::Finished));
         assert_eq!(whole.accounted, stream.len());
         for chunk in [1, 2, 7, 13, 4095, 4096, 4097, 65536] {
             assert_eq!(parse_in_chunks(&stream, chunk), whole, "chunks of {chunk}");
@@ -1077,25 +1099,45 @@ mod tests {
 
     /// A source QEMU that cancels its migration closes the stream wherever it is: anywhere
     /// before the device state, inside an item or between two, the stream ended early. Once
-    /// the first device's header is in, the parser follows the stream no further and cannot
-    /// tell.
+    /// the first device's header is in, the parser follows the stream no further, and its last
+    /// bytes tell: cut, unless they are the end of a migration (finished) or a bare EOF byte
+    /// (cannot tell).
     #[test]
     fn a_stream_cut_before_its_device_state_ended_early() {
         let stream = typical();
         let ram_phase = typical_ram_phase().bytes.len();
         // The device state's first section header: type, id, name, instance, version.
         let device_header = ram_phase + 1 + 4 + 1 + b"timer".len() + 4 + 4;
-        let cuts = (1..stream.len()).step_by(97);
-        for cut in cuts.chain([ram_phase - 1, ram_phase, device_header - 1, device_header]) {
+        // Right after EOF, before the device description "{}" and its marker's other 5 bytes:
+        // what the destination QEMU loads in full.
+        let after_eof = stream.len() - 2 - 5;
+        let cuts = (1..stream.len())
+            .step_by(97)
+            .chain(device_header..=stream.len());
+        for cut in cuts.chain([ram_phase - 1, ram_phase, device_header - 1]) {
             let parsed = parse_in_chunks(&stream[..cut], 13);
             let expected = if cut < device_header {
                 Ending::Early
+            } else if cut == after_eof || cut == stream.len() {
+                Ending::Finished
             } else {
-                Ending::AfterRam
+                Ending::Cut
             };
             assert_eq!(parsed.ending, Some(expected), "cut at {cut} of {ram_phase}");
             assert_eq!(parsed.accounted, cut, "every byte still carried");
         }
+        // Without the configuration section (a machine type before 2.4, which writes no
+        // section footers either), a cut that ends in a bare 0 cannot be told from EOF.
+        let config = 1 + 4 + b"pc-i440fx-7.2".len();
+        let mut old = stream[..8].to_vec();
+        old.extend_from_slice(&stream[8 + config..]);
+        // Inside the last footer's section id (0, 0, 0, 7), before EOF and the description.
+        let in_footer = old.len() - 2 - 6 - 2;
+        assert_eq!(old[in_footer - 1], 0, "the test needs a bare 0 there");
+        let parsed = parse_in_chunks(&old[..in_footer], 13);
+        assert_eq!(parsed.ending, Some(Ending::AfterRam));
+        let parsed = parse_in_chunks(&old[..in_footer + 2], 13);
+        assert_eq!(parsed.ending, Some(Ending::Cut), "after the 7");
     }
 
     #[test]
@@ -1132,13 +1174,23 @@ mod tests {
             let parsed = parse_in_chunks(&stream, chunk);
             let (reason, expected, at) = parsed.pass_through.clone().expect("passes through");
             assert!(!expected && reason.contains("XBZRLE"), "{reason}");
-            assert_eq!(parsed.ending, Some(Ending::NotFollowed));
+            assert_eq!(parsed.ending, Some(Ending::Finished));
             assert_eq!(at as usize, head.len());
             assert_eq!(parsed.pages.len(), 1);
             assert_eq!(parsed.accounted, stream.len());
             // Everything from the XBZRLE record on is carried unchanged.
             assert!(parsed.rebuilt.ends_with(&stream[head.len()..]));
         }
+        // Cut after its "9": not the end of a migration.
+        let cut = &stream[..head.len() + 8 + 4];
+        assert_eq!(parse_in_chunks(cut, 5).ending, Some(Ending::Cut));
+        // Cut after the XBZRLE record's "1, 0", in a stream without the configuration section
+        // (a machine type before 2.4, without section footers too): a bare 0 at the end, as
+        // such a stream's EOF: the parser cannot tell.
+        let config = 1 + 4 + b"pc-i440fx-7.2".len();
+        let mut old = stream[..8].to_vec();
+        old.extend_from_slice(&stream[8 + config..head.len() + 8 + 2]);
+        assert_eq!(parse_in_chunks(&old, 5).ending, Some(Ending::NotFollowed));
     }
 
     #[test]
