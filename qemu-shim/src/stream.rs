@@ -25,7 +25,7 @@
 //! the first one it did not understand comes as [`Event::Bytes`]. The device state after the
 //! RAM's END carries no lengths (only the trailing vmdesc JSON describes it), so the parser
 //! passes it through too, as expected. What passes through is read for its last bytes
-//! ([`crate::stream_end`]), which say whether QEMU finished the stream or stopped midway.
+//! (`stream_end.rs`), which say whether QEMU finished the stream or stopped midway.
 //!
 //! Invariant, relied on by the shims and checked by the tests: every input byte is accounted for
 //! exactly once, either inside [`Event::Bytes`] or as the `record_len` of a page event.
@@ -297,7 +297,7 @@ pub struct Parser {
 /// How far the parser followed a stream that ended ([`Parser::finish`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
-    /// It ends as a finished migration's stream does ([`crate::stream_end`]).
+    /// It ends as a finished migration's stream does (`stream_end.rs`).
     Finished,
     /// Past the RAM phase, in the device state or at the end of the stream, where a
     /// migration's stream ends (the parser follows it no further), and its last bytes do not
@@ -312,7 +312,7 @@ pub enum Ending {
     /// QEMU can tell.
     NotFollowed,
     /// Past where the parser follows the stream, its last bytes are not the end of a
-    /// migration ([`crate::stream_end`]): the source QEMU stopped midway, in its device state
+    /// migration (`stream_end.rs`): the source QEMU stopped midway, in its device state
     /// or wherever the parser stopped following.
     Cut,
 }
