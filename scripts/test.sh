@@ -75,6 +75,9 @@ install_cargo_tool fuzz cargo-fuzz
 step "building the test guest (Debian kernel, busybox initramfs, workload)"
 ./scripts/build-guest.sh || fail "cannot build the test guest"
 
+step "unpacking QEMU 10 from bookworm-backports beside the system's QEMU 7.2"
+./scripts/install-qemu10.sh || fail "cannot unpack QEMU 10 (the tests that migrate with it need it)"
+
 # --- checks ---------------------------------------------------------------------------------
 
 step "formatting"

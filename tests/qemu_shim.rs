@@ -23,7 +23,7 @@ use common::{
     Proc, Scratch, json_summaries, read_log, tls_certificates, wait_exit, wait_listening, workspace,
 };
 use pagestream_benches::netns::LinkPair;
-use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
+use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig, check_identical, ram_bytes};
 use serde_json::json;
 
 const MEMORY_MIB: u32 = 256;
@@ -123,6 +123,18 @@ fn start_migrating(guest: &Guest, dir: &Path, src_sock: &Path) -> QemuVm {
 }
 
 fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate: u32) -> QemuVm {
+    vm_of(&QemuBuild::System, guest, dir, name, incoming, dirty_rate)
+}
+
+/// Like [`vm`], run by `qemu`.
+fn vm_of(
+    qemu: &QemuBuild,
+    guest: &Guest,
+    dir: &Path,
+    name: &str,
+    incoming: Option<&str>,
+    dirty_rate: u32,
+) -> QemuVm {
     QemuVm::start(
         guest,
         &VmConfig {
@@ -135,6 +147,7 @@ fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate:
             paused: incoming.is_some(),
             netns: None,
             prealloc: false,
+            qemu: qemu.clone(),
         },
     )
     .expect("QEMU starts")
@@ -201,6 +214,8 @@ struct Sides<'a> {
     /// QEMU's own TLS between the two QEMUs, with certificates the test makes in its scratch
     /// directory ([`tls_certificates`]).
     tls: bool,
+    /// Both VMs run QEMU 10 (`scripts/install-qemu10.sh`) rather than the system's 7.2.
+    qemu10: bool,
 }
 
 /// Like [`setup_with`], with whatever differs between the hosts in `sides`.
@@ -218,14 +233,20 @@ fn setup_sides(
         dst_params,
         stay_up,
         tls,
+        qemu10,
     } = sides;
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
+    let qemu = if qemu10 {
+        QemuBuild::qemu10(&workspace()).expect("QEMU 10 (scripts/install-qemu10.sh)")
+    } else {
+        QemuBuild::System
+    };
     let scratch = Scratch::new(name);
     let dir = scratch.0.clone();
     let certs = tls.then(|| tls_certificates(&dir));
     let dst_sock = dir.join("dst.sock");
     let port = free_port();
-    let mut dst = vm(&guest, &dir, "dst", Some("defer"), dirty_rate);
+    let mut dst = vm_of(&qemu, &guest, &dir, "dst", Some("defer"), dirty_rate);
     let mut params = params;
     if let Some(certs) = &certs {
         add_tls_credentials(&mut dst, certs, "server");
@@ -240,7 +261,7 @@ fn setup_sides(
     dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
         .unwrap();
     let (recv, send) = shims(&dir, port, send_args, recv_args, !stay_up);
-    let mut src = vm(&guest, &dir, "src", None, dirty_rate);
+    let mut src = vm_of(&qemu, &guest, &dir, "src", None, dirty_rate);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
     src.capabilities(caps).unwrap();
@@ -396,6 +417,37 @@ const OPAQUE: &str = "mode opaque (";
 fn migrates_through_the_shim_with_identical_memory() {
     let s = setup("plain", &[], json!({}));
     let says = &[PARSING, "1 QEMU connection(s)", "pages: "];
+    migrate_and_verify(s, says, says);
+}
+
+/// QEMU 10 (Debian 13's, from bookworm-backports) at both ends: its stream is parsed and
+/// rebuilt as 7.2's is, memory bit for bit.
+#[test]
+fn migrates_between_qemu10s_through_the_shim_in_parsing_mode() {
+    let sides = Sides {
+        qemu10: true,
+        ..Sides::default()
+    };
+    let s = setup_sides("qemu10", &[], json!({}), 2000, sides);
+    migrate_and_verify(s, &[PARSING], &[PARSING]);
+}
+
+/// QEMU 10's multifd: the main channel parsed (with QEMU 10's MULTIFD_FLUSH records), the
+/// multifd channels carried opaque beside it.
+#[test]
+fn migrates_between_qemu10s_with_multifd_through_the_shim() {
+    let sides = Sides {
+        qemu10: true,
+        ..Sides::default()
+    };
+    let s = setup_sides(
+        "qemu10-multifd",
+        &[("multifd", true)],
+        json!({"multifd-channels": 2}),
+        2000,
+        sides,
+    );
+    let says = &[PARSING, "3 QEMU connection(s)"];
     migrate_and_verify(s, says, says);
 }
 
@@ -1135,6 +1187,7 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
             paused: true,
             netns: None,
             prealloc: false,
+            qemu: QemuBuild::System,
         },
     )
     .expect("QEMU starts");

@@ -17,7 +17,7 @@ use pagestream_qemu_shim::qmp::event_time;
 use pagestream_qemu_shim::relay::{
     DestinationConfig, Endpoint, Mode, SourceConfig, Summary, run_destination, run_source,
 };
-use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig};
+use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -370,6 +370,7 @@ fn run_method(
         paused: false,
         netns: netns.map(str::to_string),
         prealloc: false,
+        qemu: QemuBuild::System,
     };
     let mut dst_cfg = vm_config("dst", (!shim).then(|| pair.dst_ns()));
     dst_cfg.incoming = Some("defer".into());

@@ -42,6 +42,56 @@ impl Guest {
     }
 }
 
+/// Which QEMU runs a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum QemuBuild {
+    /// The system's `qemu-system-x86_64` (Debian 12's QEMU 7.2 in the tests).
+    #[default]
+    System,
+    /// A QEMU unpacked under this root (`usr/bin`, `usr/share/qemu`, `usr/share/seabios`,
+    /// `usr/lib/x86_64-linux-gnu/qemu`), such as the QEMU 10 of `scripts/install-qemu10.sh`.
+    Unpacked(PathBuf),
+}
+
+impl QemuBuild {
+    /// The QEMU 10 that `scripts/install-qemu10.sh` unpacked under `root` (the workspace), with
+    /// a message saying how to get it if it is missing.
+    pub fn qemu10(root: &Path) -> Result<Self, String> {
+        let dir = root.join("target/qemu10/root");
+        let build = QemuBuild::Unpacked(dir);
+        if !build.program().is_file() {
+            return Err(format!(
+                "{} is missing: run scripts/install-qemu10.sh first",
+                build.program().display()
+            ));
+        }
+        Ok(build)
+    }
+
+    /// The emulator's binary.
+    pub fn program(&self) -> PathBuf {
+        match self {
+            QemuBuild::System => PathBuf::from("qemu-system-x86_64"),
+            QemuBuild::Unpacked(root) => root.join("usr/bin/qemu-system-x86_64"),
+        }
+    }
+
+    /// Sets up `cmd`, which runs [`QemuBuild::program`], to find this build's firmware and
+    /// modules rather than the system's.
+    fn configure(&self, cmd: &mut Command) {
+        if let QemuBuild::Unpacked(root) = self {
+            cmd.arg("-L")
+                .arg(root.join("usr/share/qemu"))
+                .arg("-L")
+                .arg(root.join("usr/share/seabios"))
+                .env(
+                    "QEMU_MODULE_DIR",
+                    root.join("usr/lib/x86_64-linux-gnu/qemu"),
+                );
+        }
+    }
+}
+
 /// Guest RAM added beyond [`VmConfig::memory_mib`] so that QEMU 7.2 tracks every TCG write
 /// during a live migration.
 ///
@@ -84,6 +134,8 @@ pub struct VmConfig {
     /// written: a destination then loads a migration into memory the kernel has already
     /// allocated and cleared.
     pub prealloc: bool,
+    /// Which QEMU.
+    pub qemu: QemuBuild,
 }
 
 /// A running QEMU.
@@ -123,11 +175,12 @@ impl QemuVm {
         let mut cmd = match &config.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c.args(["netns", "exec", ns]).arg(config.qemu.program());
                 c
             }
-            None => Command::new("qemu-system-x86_64"),
+            None => Command::new(config.qemu.program()),
         };
+        config.qemu.configure(&mut cmd);
         cmd.args([
             "-accel",
             "tcg,thread=multi",

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
+use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig, check_identical, ram_bytes};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,6 +32,7 @@ fn native_migration_gives_identical_memory() {
         paused: false,
         netns: None,
         prealloc: false,
+        qemu: QemuBuild::System,
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))
@@ -78,6 +79,7 @@ fn preallocated_memory_is_resident_before_the_migration() {
             paused: false,
             netns: None,
             prealloc,
+            qemu: QemuBuild::System,
         };
         let vm = QemuVm::start(&guest, &config).unwrap();
         vm.resident_bytes().unwrap()

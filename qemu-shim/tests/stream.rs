@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pagestream_qemu_shim::stream::{Event, Parser, RamBlock, write_page_record};
-use pagestream_qemu_shim::vm::{Guest, QemuVm, VmConfig, check_identical, ram_bytes};
+use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig, check_identical, ram_bytes};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -82,6 +82,7 @@ fn a_real_stream_parsed_and_rebuilt_loads_bit_identical() {
         paused: incoming.is_some(),
         netns: None,
         prealloc: false,
+        qemu: QemuBuild::System,
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))
