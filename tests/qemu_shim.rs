@@ -843,6 +843,33 @@ fn a_destination_qemu_loads_the_pages_over_its_own_multifd_channels() {
     );
 }
 
+/// The same with QEMU 10 at both ends, whose destination syncs its multifd channels where the
+/// main channel says MULTIFD_FLUSH rather than at every end of section.
+#[test]
+fn a_qemu10_destination_loads_the_pages_over_its_own_multifd_channels() {
+    let s = setup_sides(
+        "dest-multifd-10",
+        &[("return-path", true)],
+        busy_guest_params(),
+        20000,
+        Sides {
+            recv_args: &["--qemu-multifd", "2"],
+            dst_caps: &[("multifd", true)],
+            dst_params: Some(json!({ "multifd-channels": 2, "multifd-compression": "none" })),
+            qemu10: true,
+            ..Sides::default()
+        },
+    );
+    migrate_and_verify(
+        s,
+        &[PARSING],
+        &[
+            PARSING,
+            "pages into the destination QEMU over its 2 multifd channel(s)",
+        ],
+    );
+}
+
 /// `--qemu-multifd` for a destination QEMU configured otherwise: the migration fails with the
 /// reason named, the source runs on, nothing hangs.
 fn refused_destination_multifd(name: &str, dst_caps: &[(&str, bool)], channels: u32, says: &str) {

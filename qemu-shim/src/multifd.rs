@@ -20,6 +20,14 @@
 //! kept across sections as it is through the main channel. Zero pages are not in 7.2's packets:
 //! they go on the main channel as ZERO records.
 //!
+//! QEMU 8.1 and later sync differently: not at every EOS but where the main channel says
+//! MULTIFD_FLUSH (a RAM record of flag 0x200 alone), unless the machine type is 8.0 or older
+//! (`hw_compat_8_0` turns `multifd-flush-after-each-section` back on). The packets are laid out
+//! alike (10.x's `zero_pages` count sits in 7.2's reserved bytes, zero here). So the
+//! destination shim reads the machine type from the stream's configuration section and, for a
+//! newer machine, writes one MULTIFD_FLUSH before the bytes that end a section in which it
+//! wrote pages, with one SYNC per channel (`SyncDiscipline`).
+//!
 //! What the destination QEMU must be told (QMP, before `migrate-incoming`): capability
 //! `multifd` on, parameter `multifd-channels` N, `multifd-compression` none. The source QEMU
 //! needs none of it. QEMU checks the uuid, so the shim is told the destination's (`-uuid`; the
@@ -50,6 +58,40 @@ pub const INIT_LEN: usize = 64;
 pub const HEADER_LEN: usize = 6 * 4 + 8 + 32 + 256 + 8 * PACKET_PAGES;
 /// Longest RAM block name a header holds (with its terminating NUL).
 pub const MAX_BLOCK_NAME: usize = 255;
+
+/// How the destination QEMU syncs its multifd channels with its main channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SyncDiscipline {
+    /// At every RAM end-of-section marker (QEMU up to 8.0, and any QEMU running a machine type
+    /// up to 8.0).
+    EachSection,
+    /// At each MULTIFD_FLUSH record of the main channel ([`FLUSH_RECORD`]): QEMU 8.1 and later
+    /// with a machine type of their own.
+    FlushRecords,
+}
+
+/// The main channel's MULTIFD_FLUSH record: a RAM record with flag 0x200 and nothing else.
+pub(crate) const FLUSH_RECORD: [u8; 8] = crate::stream::flags::MULTIFD_FLUSH.to_be_bytes();
+
+/// How a destination QEMU running machine type `machine` (as the stream's configuration
+/// section names it) syncs its multifd channels. Versioned x86 machine types (`pc-i440fx-10.0`,
+/// `pc-q35-8.1`) say it; unversioned ones (`microvm`, `isapc`) do not, since their QEMU's
+/// version decides, which the stream does not carry.
+pub(crate) fn sync_discipline(machine: &str) -> Result<SyncDiscipline, String> {
+    let version = machine
+        .rsplit_once('-')
+        .and_then(|(_, v)| v.split_once('.'))
+        .and_then(|(major, minor)| Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?)));
+    match version {
+        Some(v) if v >= (8, 1) => Ok(SyncDiscipline::FlushRecords),
+        Some(_) => Ok(SyncDiscipline::EachSection),
+        None => Err(format!(
+            "machine type '{machine}' does not say how the destination QEMU syncs its multifd \
+             channels (per section up to QEMU 8.0, per MULTIFD_FLUSH record since): run the \
+             destination shim without --qemu-multifd (and the destination QEMU without multifd)"
+        )),
+    }
+}
 
 /// Packets queued per channel before the stream's writer waits: keeps the destination's
 /// backlog short (what is queued here is held back from QEMU, like the staging area).
@@ -308,6 +350,24 @@ mod tests {
         assert_eq!(u64::from_be_bytes(h[320..328].try_into().unwrap()), 0x1000);
         assert_eq!(u64::from_be_bytes(h[328..336].try_into().unwrap()), 0x3000);
         assert!(h[336..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn the_machine_type_says_how_qemu_syncs() {
+        for (machine, want) in [
+            ("pc-i440fx-7.2", SyncDiscipline::EachSection),
+            ("pc-q35-8.0", SyncDiscipline::EachSection),
+            ("pc-q35-8.1", SyncDiscipline::FlushRecords),
+            ("pc-i440fx-10.0", SyncDiscipline::FlushRecords),
+            ("pc-q35-9.2", SyncDiscipline::FlushRecords),
+        ] {
+            assert_eq!(sync_discipline(machine), Ok(want), "{machine}");
+        }
+        for machine in ["microvm", "isapc", "pc-i440fx-", "pc-q35-x.y"] {
+            let e = sync_discipline(machine).unwrap_err();
+            assert!(e.contains("without --qemu-multifd"), "{machine}: {e}");
+        }
+        assert_eq!(FLUSH_RECORD, [0, 0, 0, 0, 0, 0, 2, 0]);
     }
 
     #[test]

@@ -905,6 +905,11 @@ struct Rebuild<'a> {
     source_finished: bool,
     /// The destination QEMU's multifd channels, when it loads pages over them.
     multifd: Option<MultifdOut>,
+    /// How that QEMU syncs them, from the machine type in the stream's first bytes.
+    discipline: Option<multifd::SyncDiscipline>,
+    /// Pages written (on the multifd channels, or as ZERO records on the main channel) since
+    /// the last barrier.
+    pages_since_sync: bool,
     /// The destination QEMU read the first bytes of its main channel.
     qemu_reads: bool,
 }
@@ -967,9 +972,37 @@ impl Rebuild<'_> {
                     if sections_ended == SECTIONS_UNKNOWN {
                         return Err(UNPARSED_FOR_MULTIFD.into());
                     }
-                    // The pages before these bytes, then a barrier per section end on every
-                    // channel: QEMU's main thread waits for them at each marker.
-                    self.written += multifd.sync(&self.blocks, sections_ended)?;
+                    let discipline = match self.discipline {
+                        Some(discipline) => discipline,
+                        None => {
+                            let machine = stream::machine_type(body).ok_or(
+                                "the stream does not open with its configuration section, which \
+                                 names the machine type the destination QEMU's multifd channels \
+                                 sync by: run the destination shim without --qemu-multifd",
+                            )?;
+                            *self.discipline.insert(multifd::sync_discipline(machine)?)
+                        }
+                    };
+                    match discipline {
+                        // The pages before these bytes, then a barrier per section end on
+                        // every channel: QEMU's main thread waits for them at each marker.
+                        multifd::SyncDiscipline::EachSection => {
+                            self.written += multifd.sync(&self.blocks, sections_ended)?;
+                        }
+                        // One barrier, said by a MULTIFD_FLUSH record inside the section whose
+                        // end these bytes hold, right after its pages: the bytes after a page
+                        // start inside its section's records. Sections without pages need none.
+                        multifd::SyncDiscipline::FlushRecords => {
+                            if sections_ended > 0 && self.pages_since_sync {
+                                self.written += multifd.sync(&self.blocks, 1)?;
+                                self.out
+                                    .write_all(&multifd::FLUSH_RECORD)
+                                    .map_err(qemu_write_error)?;
+                                self.written += multifd::FLUSH_RECORD.len() as u64;
+                                self.pages_since_sync = false;
+                            }
+                        }
+                    }
                 }
                 self.out.write_all(body).map_err(qemu_write_error)?;
                 self.written += body.len() as u64;
@@ -1053,6 +1086,7 @@ impl Rebuild<'_> {
                 Some(pages.next().ok_or("a bucket short of page data")?)
             };
             let offset = addr.index * PAGE_SIZE as u64;
+            self.pages_since_sync = true;
             if let (Some(page), Some(multifd)) = (data, &mut self.multifd) {
                 self.written += multifd.page(&self.blocks, addr.region as usize, offset, page)?;
                 continue;
@@ -1208,6 +1242,8 @@ pub(crate) fn destination_main(
         ended_early: None,
         source_finished: false,
         multifd: multifd_out,
+        discipline: None,
+        pages_since_sync: false,
         qemu_reads: false,
     };
     let stats = Arc::new(SessionStats::new(usize::from(channels)));

@@ -67,6 +67,17 @@ pub(crate) fn opens_postcopy_resume(head: &[u8]) -> bool {
         if matches!(u16::from_be_bytes([*a, *b]), CMD_RECV_BITMAP | CMD_POSTCOPY_RESUME))
 }
 
+/// The machine type a stream's configuration section names, if `head` (the stream's first
+/// bytes) holds it: header, then `0x07`, be32 length, the name.
+pub(crate) fn machine_type(head: &[u8]) -> Option<&str> {
+    let rest = head.strip_prefix(QEVM.as_slice())?.get(4..)?;
+    let (&CONFIGURATION, rest) = rest.split_first()? else {
+        return None;
+    };
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    printable(rest.get(4..4 + len)?)
+}
+
 /// RAM record flags (the low bits of a record's be64 header).
 pub mod flags {
     /// Obsolete full-page marker.
@@ -1138,6 +1149,19 @@ mod tests {
         assert_eq!(parsed.ending, Some(Ending::AfterRam));
         let parsed = parse_in_chunks(&old[..in_footer + 2], 13);
         assert_eq!(parsed.ending, Some(Ending::Cut), "after the 7");
+    }
+
+    #[test]
+    fn the_machine_type_is_read_from_the_configuration() {
+        let stream = typical();
+        assert_eq!(machine_type(&stream), Some("pc-i440fx-7.2"));
+        assert_eq!(machine_type(&stream[..20]), None, "cut inside the name");
+        assert_eq!(
+            machine_type(b"QEVM\0\0\0\x03\x01"),
+            None,
+            "no configuration"
+        );
+        assert_eq!(machine_type(b"QEVX\0\0\0\x03\x07"), None, "not a stream");
     }
 
     #[test]
