@@ -56,6 +56,10 @@ pub struct QemuArgs {
     /// Not the configuration the targets are set for.
     #[arg(long)]
     prealloc_destination: bool,
+    /// Which QEMU runs the VMs: "system" (qemu-system-x86_64 on the PATH) or "10" (the QEMU 10
+    /// that scripts/install-qemu10.sh unpacks under target/qemu10/).
+    #[arg(long, default_value = "system")]
+    qemu: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -267,6 +271,7 @@ fn print_report(r: &TransportBenchReport) {
 
 fn qemu(args: QemuArgs) -> Result<()> {
     use pagestream_benches::qemu_bench::{self, Method, QemuBenchConfig};
+    use pagestream_qemu_shim::vm::QemuBuild;
     let link = transport_bench::parse_link(&args.link)
         .map_err(anyhow::Error::msg)
         .context("bad --link")?;
@@ -299,6 +304,11 @@ fn qemu(args: QemuArgs) -> Result<()> {
         repeat: args.repeat,
         shim_log: args.shim_log,
         prealloc_destination: args.prealloc_destination,
+        qemu: match args.qemu.as_str() {
+            "system" => QemuBuild::System,
+            "10" => QemuBuild::qemu10(&std::env::current_dir()?).map_err(anyhow::Error::msg)?,
+            other => anyhow::bail!("--qemu {other}: expected \"system\" or \"10\""),
+        },
     };
     let workspace = std::env::current_dir()?;
     let spinner = progress::spinner("benchmarking");

@@ -139,6 +139,8 @@ pub struct QemuBenchConfig {
     /// `docs/benchmarks.md`: on a VM host that takes freed memory back, that first write costs
     /// more CPU than the shims' compression). Not the configuration the targets are set for.
     pub prealloc_destination: bool,
+    /// Which QEMU runs both VMs of every method.
+    pub qemu: QemuBuild,
 }
 
 /// One method's figures.
@@ -370,7 +372,7 @@ fn run_method(
         paused: false,
         netns: netns.map(str::to_string),
         prealloc: false,
-        qemu: QemuBuild::System,
+        qemu: config.qemu.clone(),
     };
     let mut dst_cfg = vm_config("dst", (!shim).then(|| pair.dst_ns()));
     dst_cfg.incoming = Some("defer".into());
@@ -624,7 +626,7 @@ pub fn run(
     let _ = std::fs::remove_dir_all(&dir);
     let summary = summarize(&results, &config.methods);
     let comparison = compare(&results, &summary);
-    let qemu = std::process::Command::new("qemu-system-x86_64")
+    let qemu = std::process::Command::new(config.qemu.program())
         .arg("--version")
         .output()
         .map(|o| {
