@@ -165,7 +165,7 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["shim", "recv", "--listen", "127.0.0.1:0", "--qemu", "tcp:1"],
             "is not tcp:HOST:PORT",
@@ -173,6 +173,10 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         (
             &["bench", "qemu", "--repeat", "0"],
             "--repeat must be between 1 and 20",
+        ),
+        (
+            &["bench", "qemu", "--qemu", "9"],
+            "--qemu 9: expected \"system\" or \"10\"",
         ),
         (
             &["codec", "bench", "--image", "/nonexistent/image"],
