@@ -613,6 +613,20 @@ fn a_postcopy_preempt_migration_completes_through_the_shim() {
     verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, LOADED, "2 QEMU connection(s)"]);
 }
 
+/// The same with QEMU 10, whose source opens the preempt connection only when postcopy starts
+/// and writes a page record on it at once: the source shim takes it by those bytes, which open
+/// no other kind of connection.
+#[test]
+fn a_qemu10_postcopy_preempt_migration_completes_through_the_shim() {
+    let sides = Sides {
+        qemu10: true,
+        ..Sides::default()
+    };
+    let s = setup_sides("postcopy-preempt-10", PREEMPT_CAPS, json!({}), 2000, sides);
+    let s = switch_to_postcopy(s);
+    verify_migration(s, POSTCOPY_SAYS, &[OPAQUE, LOADED, "2 QEMU connection(s)"]);
+}
+
 /// postcopy-preempt with a destination that runs as soon as postcopy starts: its guest touches
 /// pages that have not come yet (it writes fast, and postcopy's bandwidth is capped), asks for
 /// them over the return path, and the source sends them on the preempt connection.
@@ -1334,17 +1348,23 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
 /// without the SHUT message that says it loaded everything).
 #[test]
 fn a_cancelled_migration_in_opaque_mode_is_failed_by_the_streams_end() {
-    cancelled_in_opaque_mode("cancel-opaque", false);
+    cancelled_in_opaque_mode("cancel-opaque", false, false);
 }
 
 #[test]
 fn a_cancelled_migration_in_opaque_mode_is_failed_by_the_destinations_return_path_too() {
-    cancelled_in_opaque_mode("cancel-opaque-rp", true);
+    cancelled_in_opaque_mode("cancel-opaque-rp", true, false);
 }
 
-fn cancelled_in_opaque_mode(name: &str, return_path: bool) {
+#[test]
+fn a_cancelled_qemu10_migration_in_opaque_mode_is_failed_by_the_streams_end() {
+    cancelled_in_opaque_mode("cancel-opaque-10", false, true);
+}
+
+fn cancelled_in_opaque_mode(name: &str, return_path: bool, qemu10: bool) {
     let sides = Sides {
         send_args: &["--mode", "opaque"],
+        qemu10,
         ..Sides::default()
     };
     let mut s = setup_sides(
