@@ -474,17 +474,15 @@ pub(crate) fn source_main(
         .send_blob(out.generation, &note)
         .map_err(|e| full_message(&e))?;
     let mut blob_bytes = out.blob_bytes + note.len() as u64;
-    let ended_early = match ending {
-        stream::Ending::Early => Some(ENDED_EARLY),
-        stream::Ending::Cut => Some(ENDED_CUT),
-        stream::Ending::Finished | stream::Ending::AfterRam | stream::Ending::NotFollowed => None,
+    // Whether the source QEMU finished its stream, and why not when it did not.
+    let (finished, ended_early) = match ending {
+        stream::Ending::Finished => (Some(true), None),
+        stream::Ending::Early => (Some(false), Some(ENDED_EARLY)),
+        stream::Ending::Cut => (Some(false), Some(ENDED_CUT)),
+        stream::Ending::AfterRam | stream::Ending::NotFollowed => (None, None),
     };
-    *session.stream_told.lock().expect("not poisoned") = match ending {
-        stream::Ending::Finished => Some(true),
-        stream::Ending::Early | stream::Ending::Cut => Some(false),
-        stream::Ending::AfterRam | stream::Ending::NotFollowed => None,
-    };
-    if ending == stream::Ending::Finished {
+    *session.stream_told.lock().expect("not poisoned") = finished;
+    if finished == Some(true) {
         out.sender
             .send_blob(out.generation, &[BLOB_FINISHED])
             .map_err(|e| full_message(&e))?;
