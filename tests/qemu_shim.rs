@@ -123,12 +123,19 @@ fn start_migrating(guest: &Guest, dir: &Path, src_sock: &Path) -> QemuVm {
 }
 
 fn vm(guest: &Guest, dir: &Path, name: &str, incoming: Option<&str>, dirty_rate: u32) -> QemuVm {
-    vm_of(&QemuBuild::System, guest, dir, name, incoming, dirty_rate)
+    vm_of(&Emulator::default(), guest, dir, name, incoming, dirty_rate)
+}
+
+/// Which QEMU runs a VM, with which machine type (QEMU's default without).
+#[derive(Default)]
+struct Emulator {
+    build: QemuBuild,
+    machine: Option<&'static str>,
 }
 
 /// Like [`vm`], run by `qemu`.
 fn vm_of(
-    qemu: &QemuBuild,
+    qemu: &Emulator,
     guest: &Guest,
     dir: &Path,
     name: &str,
@@ -147,7 +154,8 @@ fn vm_of(
             paused: incoming.is_some(),
             netns: None,
             prealloc: false,
-            qemu: qemu.clone(),
+            qemu: qemu.build.clone(),
+            machine: qemu.machine.map(str::to_string),
         },
     )
     .expect("QEMU starts")
@@ -216,6 +224,9 @@ struct Sides<'a> {
     tls: bool,
     /// Both VMs run QEMU 10 (`scripts/install-qemu10.sh`) rather than the system's 7.2.
     qemu10: bool,
+    /// The destination alone runs QEMU 10, with the source's machine type (pc-i440fx-7.2): a
+    /// VM moving to an upgraded host.
+    dst_qemu10: bool,
 }
 
 /// Like [`setup_with`], with whatever differs between the hosts in `sides`.
@@ -234,19 +245,36 @@ fn setup_sides(
         stay_up,
         tls,
         qemu10,
+        dst_qemu10,
     } = sides;
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
-    let qemu = if qemu10 {
-        QemuBuild::qemu10(&workspace()).expect("QEMU 10 (scripts/install-qemu10.sh)")
+    let qemu10_build =
+        || QemuBuild::qemu10(&workspace()).expect("QEMU 10 (scripts/install-qemu10.sh)");
+    let src_qemu = Emulator {
+        build: if qemu10 {
+            qemu10_build()
+        } else {
+            QemuBuild::System
+        },
+        machine: None,
+    };
+    let dst_qemu = if dst_qemu10 {
+        Emulator {
+            build: qemu10_build(),
+            machine: Some("pc-i440fx-7.2"),
+        }
     } else {
-        QemuBuild::System
+        Emulator {
+            build: src_qemu.build.clone(),
+            machine: None,
+        }
     };
     let scratch = Scratch::new(name);
     let dir = scratch.0.clone();
     let certs = tls.then(|| tls_certificates(&dir));
     let dst_sock = dir.join("dst.sock");
     let port = free_port();
-    let mut dst = vm_of(&qemu, &guest, &dir, "dst", Some("defer"), dirty_rate);
+    let mut dst = vm_of(&dst_qemu, &guest, &dir, "dst", Some("defer"), dirty_rate);
     let mut params = params;
     if let Some(certs) = &certs {
         add_tls_credentials(&mut dst, certs, "server");
@@ -261,7 +289,7 @@ fn setup_sides(
     dst.migrate_incoming(&format!("unix:{}", dst_sock.display()))
         .unwrap();
     let (recv, send) = shims(&dir, port, send_args, recv_args, !stay_up);
-    let mut src = vm_of(&qemu, &guest, &dir, "src", None, dirty_rate);
+    let mut src = vm_of(&src_qemu, &guest, &dir, "src", None, dirty_rate);
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(90))
         .unwrap();
     src.capabilities(caps).unwrap();
@@ -884,6 +912,34 @@ fn a_qemu10_destination_loads_the_pages_over_its_own_multifd_channels() {
     );
 }
 
+/// A VM moving from QEMU 7.2 to an upgraded host's QEMU 10, which runs it with machine type
+/// pc-i440fx-7.2 and so syncs its multifd channels at every end of section, as 7.2 does: the
+/// machine type in the stream tells the destination shim so.
+#[test]
+fn a_qemu72_vm_moves_to_qemu10_through_the_shim_loading_over_multifd() {
+    let s = setup_sides(
+        "qemu72-to-10",
+        &[("return-path", true)],
+        busy_guest_params(),
+        20000,
+        Sides {
+            recv_args: &["--qemu-multifd", "2"],
+            dst_caps: &[("multifd", true)],
+            dst_params: Some(json!({ "multifd-channels": 2, "multifd-compression": "none" })),
+            dst_qemu10: true,
+            ..Sides::default()
+        },
+    );
+    migrate_and_verify(
+        s,
+        &[PARSING],
+        &[
+            PARSING,
+            "pages into the destination QEMU over its 2 multifd channel(s)",
+        ],
+    );
+}
+
 /// `--qemu-multifd` for a destination QEMU configured otherwise: the migration fails with the
 /// reason named, the source runs on, nothing hangs.
 fn refused_destination_multifd(name: &str, dst_caps: &[(&str, bool)], channels: u32, says: &str) {
@@ -1229,6 +1285,7 @@ fn a_destination_qemu_that_refuses_the_stream_is_named_as_the_cause() {
             netns: None,
             prealloc: false,
             qemu: QemuBuild::System,
+            machine: None,
         },
     )
     .expect("QEMU starts");

@@ -373,6 +373,7 @@ fn run_method(
         netns: netns.map(str::to_string),
         prealloc: false,
         qemu: config.qemu.clone(),
+        machine: None,
     };
     let mut dst_cfg = vm_config("dst", (!shim).then(|| pair.dst_ns()));
     dst_cfg.incoming = Some("defer".into());

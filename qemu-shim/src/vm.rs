@@ -136,6 +136,9 @@ pub struct VmConfig {
     pub prealloc: bool,
     /// Which QEMU.
     pub qemu: QemuBuild,
+    /// The machine type (`-machine`); QEMU's default (`pc`, its newest i440FX type) without.
+    /// A VM migrating to a newer QEMU runs there with the machine type of the older one.
+    pub machine: Option<String>,
 }
 
 /// A running QEMU.
@@ -217,6 +220,9 @@ impl QemuVm {
         }
         if config.prealloc {
             cmd.arg("-mem-prealloc");
+        }
+        if let Some(machine) = &config.machine {
+            cmd.args(["-machine", machine]);
         }
         let child = cmd.spawn().map_err(VmError::Start)?;
         let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20))?;

@@ -33,6 +33,7 @@ fn native_migration_gives_identical_memory() {
         netns: None,
         prealloc: false,
         qemu: QemuBuild::System,
+        machine: None,
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))
@@ -80,6 +81,7 @@ fn preallocated_memory_is_resident_before_the_migration() {
             netns: None,
             prealloc,
             qemu: QemuBuild::System,
+            machine: None,
         };
         let vm = QemuVm::start(&guest, &config).unwrap();
         vm.resident_bytes().unwrap()
