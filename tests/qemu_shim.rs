@@ -858,58 +858,42 @@ fn migrates_opaque_with_zstd_and_lz4_and_a_busy_guest() {
     }
 }
 
-#[test]
-fn a_destination_qemu_loads_the_pages_over_its_own_multifd_channels() {
-    // The source QEMU plain, the destination QEMU with 3 multifd channels that its shim feeds
-    // (`--qemu-multifd 3`): a busy guest, so that many sections each need their barriers, and
-    // the return path beside them.
+/// The source QEMU plain, the destination QEMU loading over `channels` multifd channels that
+/// its shim feeds (`--qemu-multifd`): a busy guest, so that many sections each need their
+/// barriers, and the return path beside them. `hosts` says which QEMUs run.
+fn migrate_into_destination_multifd(name: &str, channels: &str, hosts: Sides<'_>) {
+    let count: u32 = channels.parse().expect("a channel count");
+    let recv_args = ["--qemu-multifd", channels];
     let s = setup_sides(
-        "dest-multifd",
+        name,
         &[("return-path", true)],
         busy_guest_params(),
         20000,
         Sides {
-            recv_args: &["--qemu-multifd", "3"],
+            recv_args: &recv_args,
             dst_caps: &[("multifd", true)],
-            dst_params: Some(json!({ "multifd-channels": 3, "multifd-compression": "none" })),
-            ..Sides::default()
+            dst_params: Some(json!({ "multifd-channels": count, "multifd-compression": "none" })),
+            ..hosts
         },
     );
-    migrate_and_verify(
-        s,
-        &[PARSING],
-        &[
-            PARSING,
-            "pages into the destination QEMU over its 3 multifd channel(s)",
-        ],
-    );
+    let loading = format!("pages into the destination QEMU over its {channels} multifd channel(s)");
+    migrate_and_verify(s, &[PARSING], &[PARSING, &loading]);
+}
+
+#[test]
+fn a_destination_qemu_loads_the_pages_over_its_own_multifd_channels() {
+    migrate_into_destination_multifd("dest-multifd", "3", Sides::default());
 }
 
 /// The same with QEMU 10 at both ends, whose destination syncs its multifd channels where the
 /// main channel says MULTIFD_FLUSH rather than at every end of section.
 #[test]
 fn a_qemu10_destination_loads_the_pages_over_its_own_multifd_channels() {
-    let s = setup_sides(
-        "dest-multifd-10",
-        &[("return-path", true)],
-        busy_guest_params(),
-        20000,
-        Sides {
-            recv_args: &["--qemu-multifd", "2"],
-            dst_caps: &[("multifd", true)],
-            dst_params: Some(json!({ "multifd-channels": 2, "multifd-compression": "none" })),
-            qemu10: true,
-            ..Sides::default()
-        },
-    );
-    migrate_and_verify(
-        s,
-        &[PARSING],
-        &[
-            PARSING,
-            "pages into the destination QEMU over its 2 multifd channel(s)",
-        ],
-    );
+    let hosts = Sides {
+        qemu10: true,
+        ..Sides::default()
+    };
+    migrate_into_destination_multifd("dest-multifd-10", "2", hosts);
 }
 
 /// A VM moving from QEMU 7.2 to an upgraded host's QEMU 10, which runs it with machine type
@@ -917,27 +901,11 @@ fn a_qemu10_destination_loads_the_pages_over_its_own_multifd_channels() {
 /// machine type in the stream tells the destination shim so.
 #[test]
 fn a_qemu72_vm_moves_to_qemu10_through_the_shim_loading_over_multifd() {
-    let s = setup_sides(
-        "qemu72-to-10",
-        &[("return-path", true)],
-        busy_guest_params(),
-        20000,
-        Sides {
-            recv_args: &["--qemu-multifd", "2"],
-            dst_caps: &[("multifd", true)],
-            dst_params: Some(json!({ "multifd-channels": 2, "multifd-compression": "none" })),
-            dst_qemu10: true,
-            ..Sides::default()
-        },
-    );
-    migrate_and_verify(
-        s,
-        &[PARSING],
-        &[
-            PARSING,
-            "pages into the destination QEMU over its 2 multifd channel(s)",
-        ],
-    );
+    let hosts = Sides {
+        dst_qemu10: true,
+        ..Sides::default()
+    };
+    migrate_into_destination_multifd("qemu72-to-10", "2", hosts);
 }
 
 /// `--qemu-multifd` for a destination QEMU configured otherwise: the migration fails with the
