@@ -787,6 +787,11 @@ fn a_postcopy_migration_resumes_through_the_shims_after_a_shim_dies() {
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(received[0]["completed"], true, "{}", received[0]);
     assert_eq!(received[0]["session"], sent[1]["session"]);
+    // The resumed return path carries the received-page bitmap raw after RECV_BITMAP; both
+    // shims step over it and read the destination QEMU's word at the end.
+    for summary in [&sent[1], &received[0]] {
+        assert_eq!(summary["destination_loaded"], true, "{summary}");
+    }
 }
 
 const PREEMPT_CAPS: &[(&str, bool)] = &[("postcopy-ram", true), ("postcopy-preempt", true)];

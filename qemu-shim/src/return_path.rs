@@ -11,6 +11,12 @@
 //! shim hears the destination QEMU's own word, besides what the stream's last bytes say of the
 //! source's (`stream_end.rs`), and even under QEMU's own TLS, where those say nothing.
 //!
+//! One message is followed by bytes that are not messages: a postcopy migration resumed after a
+//! failure asks for the destination's received-page bitmap of each RAM block, and the
+//! destination answers RECV_BITMAP (the block's name), then writes the bitmap itself on the
+//! return path: be64 size, that many bytes, be64 0x0123456789abcdef (`ramblock_recv_bitmap_send`
+//! in QEMU's `migration/ram.c`). The watch steps over it and reads on.
+//!
 //! The watch never guesses: bytes that are not a well-formed message (a TLS record, with QEMU's
 //! own TLS) end it, and it then says nothing.
 
@@ -18,6 +24,20 @@
 /// RECV_BITMAP, RESUME_ACK, SWITCHOVER_ACK.
 const KNOWN_TYPES: std::ops::RangeInclusive<u16> = 1..=7;
 const SHUT: u16 = 1;
+const RECV_BITMAP: u16 = 5;
+/// The be64 that ends a received-page bitmap.
+const BITMAP_ENDING: u64 = 0x0123_4567_89ab_cdef;
+
+/// Where the watch is in a received-page bitmap that follows a RECV_BITMAP message.
+#[derive(Debug)]
+enum Bitmap {
+    /// Reading its be64 size (the bytes so far, and how many).
+    Size([u8; 8], usize),
+    /// Stepping over its bytes: this many left.
+    Bits(u64),
+    /// Reading its be64 ending.
+    Ending([u8; 8], usize),
+}
 
 /// Reads QEMU's return-path messages from the bytes fed to it, in order, in pieces of any size.
 #[derive(Debug, Default)]
@@ -29,6 +49,10 @@ pub(crate) struct ReturnPathWatch {
     body_left: usize,
     /// The current message is a SHUT, and its value's bytes so far.
     shut: Option<Vec<u8>>,
+    /// The current message's type.
+    kind: u16,
+    /// In the raw bitmap after a RECV_BITMAP message.
+    bitmap: Option<Bitmap>,
     /// Whole messages read.
     messages: u64,
     said: Option<u32>,
@@ -39,6 +63,10 @@ impl ReturnPathWatch {
     /// Reads `bytes`, the next ones of the return path.
     pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() && !self.lost {
+            if self.bitmap.is_some() {
+                bytes = self.step_over_bitmap(bytes);
+                continue;
+            }
             if self.body_left == 0 {
                 let take = (4 - self.have).min(bytes.len());
                 self.head[self.have..self.have + take].copy_from_slice(&bytes[..take]);
@@ -55,6 +83,7 @@ impl ReturnPathWatch {
                     return;
                 }
                 self.body_left = len;
+                self.kind = kind;
                 self.shut = (kind == SHUT).then(Vec::new);
                 if len == 0 {
                     self.message_read();
@@ -73,8 +102,51 @@ impl ReturnPathWatch {
         }
     }
 
+    /// Reads what it can of the bitmap from `bytes`, returns the rest.
+    fn step_over_bitmap<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        let be64 = |buf: &mut [u8; 8], have: &mut usize, bytes: &'a [u8]| {
+            let take = (8 - *have).min(bytes.len());
+            buf[*have..*have + take].copy_from_slice(&bytes[..take]);
+            *have += take;
+            (
+                (*have == 8).then(|| u64::from_be_bytes(*buf)),
+                &bytes[take..],
+            )
+        };
+        match self.bitmap.as_mut() {
+            Some(Bitmap::Size(buf, have)) => {
+                let (size, rest) = be64(buf, have, bytes);
+                if let Some(size) = size {
+                    self.bitmap = Some(Bitmap::Bits(size));
+                }
+                rest
+            }
+            Some(Bitmap::Bits(left)) => {
+                let take = (*left).min(bytes.len() as u64);
+                *left -= take;
+                if *left == 0 {
+                    self.bitmap = Some(Bitmap::Ending([0; 8], 0));
+                }
+                &bytes[take as usize..]
+            }
+            Some(Bitmap::Ending(buf, have)) => {
+                let (ending, rest) = be64(buf, have, bytes);
+                match ending {
+                    Some(BITMAP_ENDING) => self.bitmap = None,
+                    Some(_) => self.lost = true,
+                    None => {}
+                }
+                rest
+            }
+            None => bytes,
+        }
+    }
+
     fn message_read(&mut self) {
         self.messages += 1;
+        if self.kind == RECV_BITMAP {
+            self.bitmap = Some(Bitmap::Size([0; 8], 0));
+        }
         if let Some(value) = self.shut.take() {
             self.said = Some(u32::from_be_bytes(
                 value.try_into().expect("SHUT's length was checked"),
@@ -161,6 +233,37 @@ mod tests {
         assert_eq!(ack.loaded(false), Some(false));
         ack.feed(&shut);
         assert_eq!(ack.loaded(false), Some(true));
+    }
+
+    /// A resumed postcopy migration's return path: the destination answers RECV_BITMAP with the
+    /// block's name, then the bitmap itself, raw; then RESUME_ACK, page requests and SHUT.
+    fn resumed(ending: u64) -> Vec<u8> {
+        let mut bytes = message(5, b"\x06pc.ram");
+        bytes.extend_from_slice(&24u64.to_be_bytes());
+        // Bitmap bytes that would read as messages (a SHUT 1 among them).
+        bytes.extend_from_slice(&message(1, &1u32.to_be_bytes()));
+        bytes.extend_from_slice(&[0xff; 16]);
+        bytes.extend_from_slice(&ending.to_be_bytes());
+        bytes.extend(message(6, &1u32.to_be_bytes())); // RESUME_ACK
+        bytes.extend(message(4, &[0; 12])); // REQ_PAGES
+        bytes.extend(message(1, &0u32.to_be_bytes()));
+        bytes
+    }
+
+    #[test]
+    fn a_resumed_migrations_bitmap_is_stepped_over() {
+        let bytes = resumed(BITMAP_ENDING);
+        for piece in [1, 3, 7, bytes.len()] {
+            let mut watch = ReturnPathWatch::default();
+            for chunk in bytes.chunks(piece) {
+                watch.feed(chunk);
+            }
+            assert_eq!(watch.loaded(false), Some(true), "pieces of {piece}");
+        }
+        // A bitmap without its ending is not what the watch thinks: it says nothing.
+        let mut watch = ReturnPathWatch::default();
+        watch.feed(&resumed(7));
+        assert_eq!(watch.loaded(false), None);
     }
 
     #[test]
