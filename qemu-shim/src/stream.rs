@@ -40,18 +40,19 @@ pub const TARGET_PAGE_SIZE: usize = 4096;
 /// move on.
 pub const MAX_ITEM: usize = 5 + u16::MAX as usize;
 
-const QEVM: &[u8; 4] = b"QEVM";
+pub(crate) const QEVM: &[u8; 4] = b"QEVM";
 const STREAM_VERSION: u32 = 3;
 
-const SECTION_EOF: u8 = 0x00;
+pub(crate) const SECTION_EOF: u8 = 0x00;
 const SECTION_START: u8 = 0x01;
 const SECTION_PART: u8 = 0x02;
 const SECTION_END: u8 = 0x03;
 const SECTION_FULL: u8 = 0x04;
 const SUBSECTION: u8 = 0x05;
-const CONFIGURATION: u8 = 0x07;
+pub(crate) const VMDESCRIPTION: u8 = 0x06;
+pub(crate) const CONFIGURATION: u8 = 0x07;
 const COMMAND: u8 = 0x08;
-const FOOTER: u8 = 0x7E;
+pub(crate) const FOOTER: u8 = 0x7E;
 
 const CMD_OPEN_RETURN_PATH: u16 = 1;
 const CMD_PING: u16 = 2;
@@ -934,7 +935,7 @@ mod tests {
             self.bytes.push(FOOTER);
             self.bytes.extend_from_slice(&7u32.to_be_bytes());
             self.bytes.push(SECTION_EOF);
-            self.bytes.push(0x06);
+            self.bytes.push(VMDESCRIPTION);
             self.bytes.extend_from_slice(&2u32.to_be_bytes());
             self.bytes.extend_from_slice(b"{}");
             self

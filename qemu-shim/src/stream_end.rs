@@ -23,12 +23,10 @@
 
 use memchr::memmem;
 
-const EOF: u8 = 0x00;
-const VMDESCRIPTION: u8 = 0x06;
-const CONFIGURATION: u8 = 0x07;
+use crate::stream::{CONFIGURATION, FOOTER, QEVM, SECTION_EOF as EOF, VMDESCRIPTION};
+
 /// Bytes that tell a stream's opening: the header (magic, version) and the next section type.
 const OPENING: usize = 9;
-const FOOTER: u8 = 0x7E;
 /// Bytes of the device description's marker before its JSON: EOF, VMDESCRIPTION, be32 length.
 const MARKER: usize = 6;
 /// Bytes a marker must show to be taken for one: the marker and the JSON's opening brace.
@@ -118,7 +116,7 @@ impl EndWatch {
                 let take = (OPENING - self.head.len()).min(bytes.len());
                 self.head.extend_from_slice(&bytes[..take]);
                 let head = &self.head;
-                let qemus = head.starts_with(b"QEVM");
+                let qemus = head.starts_with(QEVM);
                 if head.len() < 4 || (qemus && head.len() < OPENING) {
                     return;
                 }
