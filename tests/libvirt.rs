@@ -11,6 +11,8 @@
 //! domain runs on at the destination and is gone from the source, the guest keeps working, and
 //! both shims report a parsed, verified migration; and before that, that a migration started
 //! while the destination shim is not running fails and leaves the domain running at the source.
+//! A postcopy migration whose destination shim dies is resumed with `virsh migrate
+//! --postcopy-resume` through a new one.
 //!
 //! Needs libvirt (`libvirt-daemon`, `libvirt-daemon-driver-qemu`, `libvirt-clients`) and the
 //! system user and group `libvirt-qemu` its QEMU driver looks up even when it runs QEMU as root:
@@ -172,6 +174,27 @@ impl LibvirtHost {
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Waits up to a minute for the domain's state and its reason to read `want` ("running
+    /// (post-copy)", "paused (post-copy failed)", ...). `virsh domstate --reason` answers while
+    /// a migration runs, when libvirt holds the QEMU monitor for the migration job.
+    fn wait_domain_state(&self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let out = self.virsh(&["domstate", "--reason", DOMAIN]);
+            last = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if last == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the {} domain never came to {want:?} (last {last:?})\n{}",
+            self.name,
+            self.logs()
+        );
     }
 
     /// A shim on this host.
@@ -386,6 +409,10 @@ struct VirshCase<'a> {
     /// `virsh migrate-postcopy` once the migration is under way; the source domain must have
     /// been paused for postcopy.
     switch_to_postcopy: bool,
+    /// Once the destination runs postcopy, its shim is killed: both domains must pause their
+    /// migration (neither side has the whole guest), and `virsh migrate --postcopy-resume`
+    /// through a new destination shim must finish it.
+    resume_after_destination_shim_dies: bool,
 }
 
 /// Migrates a libvirt domain between two libvirt hosts through the shims, with `virsh migrate
@@ -400,6 +427,7 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         destination_shim_late,
         return_path,
         switch_to_postcopy,
+        resume_after_destination_shim_dies,
     } = case;
     let pair = LinkPair::create("1gbit", 256 << 10).expect("two network namespaces (root)");
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
@@ -475,23 +503,24 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
     wait_listening(&src.root.join("sock/migrate.sock"));
     let dest_uri = format!("qemu+tcp://{}/system", pair.dst_addr);
     let migrate_uri = format!("unix://{}", sock.display());
-    let migrate = || {
+    let migrate_with = |extra: &[&str]| {
         let mut args = vec!["migrate", "--live", "--p2p"];
         args.extend_from_slice(virsh_args);
+        args.extend_from_slice(extra);
         args.extend_from_slice(&[DOMAIN, &dest_uri, "--migrateuri", &migrate_uri]);
         src.virsh(&args)
     };
+    let migrate = || migrate_with(&[]);
     if destination_shim_late {
         migrate_without_destination_shim(&src, &dst, &migrate, &send_json, &to, &console);
     }
 
     // With the destination shim: the migration completes through both shims.
-    let recv_json = dir.join("recv.json");
-    let recv_json_arg = recv_json.display().to_string();
     let qemu = format!("unix:{}", sock.display());
     let listen = format!("{}:{SHIM_PORT}", pair.dst_addr);
-    let _recv = dst.shim(
-        &[
+    let recv_shim = |name: &str| {
+        let json = dir.join(format!("{name}.json")).display().to_string();
+        let args = [
             "recv",
             "--listen",
             &listen,
@@ -500,10 +529,17 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
             "--key-file",
             &key,
             "--summary-json",
-            &recv_json_arg,
-        ],
-        &dir.join("recv.log"),
-    );
+            &json,
+        ];
+        dst.shim(&args, &dir.join(format!("{name}.log")))
+    };
+    let mut recv = recv_shim("recv");
+    // The destination shim whose summary counts: a new one when the first is killed.
+    let recv_name = if resume_after_destination_shim_dies {
+        "recv2"
+    } else {
+        "recv"
+    };
     std::thread::sleep(Duration::from_millis(500));
     // The source domain's lifecycle events, which say when it paused for postcopy.
     let events = dir.join("events.log");
@@ -524,7 +560,35 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         std::thread::scope(|scope| {
             let migrating = scope.spawn(migrate);
             start_postcopy(&src);
-            migrating.join().expect("virsh migrate runs")
+            if !resume_after_destination_shim_dies {
+                return migrating.join().expect("virsh migrate runs");
+            }
+            // Only once the destination runs postcopy (it has loaded the device state and
+            // resumed the guest) can it pause rather than fail. And only once the guest has
+            // run there a while (its workload printed a tick) can libvirt resume it: under
+            // TCG, QEMU's vCPU thread holds QEMU's big lock while it delivers an interrupt,
+            // which reads the guest's memory; if that page has not arrived when the path
+            // fails, the vCPU waits for it with the lock held, the destination QEMU's monitor
+            // stops answering, and libvirt's resume, which first asks the destination QEMU
+            // for its migration status, waits forever (seen with a kill 0.13 s after the
+            // switch; QEMU's migrate-recover can be run out of band for this reason).
+            dst.wait_domain_state("running (post-copy)");
+            let tick = last_tick(&console);
+            assert!(
+                wait_tick(&console, tick + 1, Duration::from_secs(60)),
+                "the guest does not run at the destination in postcopy"
+            );
+            let _ = recv.0.kill();
+            let failed = migrating.join().expect("virsh migrate runs");
+            assert!(
+                !failed.status.success(),
+                "the migration went on without the destination shim"
+            );
+            src.wait_domain_state("paused (post-copy failed)");
+            dst.wait_domain_state("running (post-copy failed)");
+            recv = recv_shim(recv_name);
+            std::thread::sleep(Duration::from_millis(500));
+            migrate_with(&["--postcopy-resume"])
         })
     } else {
         migrate()
@@ -534,7 +598,7 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         "virsh migrate: {}\n--- source shim ---\n{}\n--- destination shim ---\n{}\n{}\n{}",
         stderr(&out),
         read_log(dir, "send.log"),
-        read_log(dir, "recv.log"),
+        read_log(dir, &format!("{recv_name}.log")),
         src.logs(),
         dst.logs()
     );
@@ -565,14 +629,22 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         read_log(dir, "console.log")
     );
 
-    let sent = json_summaries(&send_json, 1 + usize::from(destination_shim_late));
-    let received = json_summaries(&recv_json, 1);
-    assert_eq!(
-        sent.len(),
-        1 + usize::from(destination_shim_late),
-        "{sent:?}"
-    );
+    // One summary per migration the source shim saw: the one without a destination shim, the
+    // one the killed shim cut, the one that completed.
+    let sessions =
+        1 + usize::from(destination_shim_late) + usize::from(resume_after_destination_shim_dies);
+    let sent = json_summaries(&send_json, sessions);
+    let received = json_summaries(&dir.join(format!("{recv_name}.json")), 1);
+    assert_eq!(sent.len(), sessions, "{sent:?}");
     assert_eq!(received.len(), 1, "{received:?}");
+    if resume_after_destination_shim_dies {
+        let cut = &sent[sessions - 2];
+        assert_eq!(cut["completed"], false, "{cut}");
+        // Its return path was cut by the dead shim: not the destination QEMU's word.
+        assert!(cut["destination_loaded"].is_null(), "{cut}");
+        let said = sent[sessions - 1]["mode"].as_str().unwrap_or_default();
+        assert!(said.contains("resumed after a failure"), "{said}");
+    }
     let sent = sent.last().unwrap();
     for (side, summary) in [("source", sent), ("destination", &received[0])] {
         assert_eq!(summary["completed"], true, "{side}: {summary}");
@@ -661,29 +733,72 @@ fn virsh_migrate_postcopy_runs_through_the_shims() {
     });
 }
 
-/// `virsh migrate-postcopy` on `host`'s domain, once its migration has run a couple of seconds
-/// (retried while virsh says no migration runs yet).
+/// Postcopy recovery the way libvirt does it: the destination shim dies mid-postcopy, both
+/// domains pause their migration ("paused (post-copy failed)" at the source, "running
+/// (post-copy failed)" at the destination), and `virsh migrate --postcopy-resume` finishes it
+/// through a new destination shim (libvirt's `migrate-recover` at the destination, `migrate`
+/// with `resume` at the source, which the still running source shim takes as a resumed
+/// stream). Postcopy is held to 4 MiB/s (`--postcopy-bandwidth`) so that it is still under way
+/// when the shim dies.
+#[test]
+fn virsh_migrate_postcopy_resumes_through_a_new_destination_shim() {
+    migrate_with_virsh(VirshCase {
+        name: "libvirt-postcopy-resume",
+        virsh_args: &[
+            "--postcopy",
+            "--bandwidth",
+            "20",
+            "--postcopy-bandwidth",
+            "4",
+        ],
+        mode: "opaque",
+        connections: 1,
+        return_path: true,
+        switch_to_postcopy: true,
+        resume_after_destination_shim_dies: true,
+        ..VirshCase::default()
+    });
+}
+
+/// `virsh migrate-postcopy` on `host`'s domain, once its QEMU has sent 16 MiB of memory: mid
+/// precopy. (libvirt's job exists seconds before its QEMU migrates, while libvirt starts the
+/// destination's QEMU; a switch asked for then is refused, and one asked for at the first
+/// moment QEMU takes it comes before any memory moved.)
 fn start_postcopy(host: &LibvirtHost) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut running_since = None;
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let job = host.virsh(&["domjobinfo", DOMAIN]);
-        let migrating = String::from_utf8_lossy(&job.stdout).contains("Unbounded");
-        if migrating {
-            let since = *running_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= Duration::from_secs(2) {
-                let out = host.virsh(&["migrate-postcopy", DOMAIN]);
-                if out.status.success() {
-                    return;
-                }
-                eprintln!("virsh migrate-postcopy: {}", stderr(&out));
+        let info = String::from_utf8_lossy(&job.stdout);
+        if memory_processed(&info).is_some_and(|bytes| bytes >= 16 << 20) {
+            let out = host.virsh(&["migrate-postcopy", DOMAIN]);
+            if out.status.success() {
+                return;
             }
+            eprintln!("virsh migrate-postcopy: {}", stderr(&out));
         }
         assert!(
             Instant::now() < deadline,
-            "the migration never ran long enough to switch to postcopy: {}",
+            "the migration never sent enough to switch to postcopy: {info}{}",
             stderr(&job)
         );
     }
+}
+
+/// The bytes of memory a migration has sent, from `virsh domjobinfo`'s "Memory processed:
+/// 12.345 MiB" line.
+fn memory_processed(domjobinfo: &str) -> Option<u64> {
+    let value = domjobinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Memory processed:"))?;
+    let mut words = value.split_whitespace();
+    let amount: f64 = words.next()?.parse().ok()?;
+    let unit = match words.next()? {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((amount * unit) as u64)
 }
