@@ -377,14 +377,15 @@ median (range) of {} rounds:",
             report.repeat
         );
         println!(
-            "{:<24} {:>20} {:>22} {:>22} {:>10}",
-            "method", "total s", "downtime", "on the wire", "converged"
+            "{:<24} {:>20} {:>20} {:>22} {:>22} {:>10}",
+            "method", "total s", "after setup s", "downtime", "on the wire", "converged"
         );
         for s in &report.summary {
             println!(
-                "{:<24} {:>20} {:>22} {:>22} {:>10}",
+                "{:<24} {:>20} {:>20} {:>22} {:>22} {:>10}",
                 s.method.name(),
                 spread(s.total_s, "", 2),
+                spread(s.after_setup_s, "", 2),
                 spread(s.downtime_ms, " ms", 0),
                 spread(s.wire_mib, " MiB", 0),
                 format!("{}/{}", s.converged, s.runs)
@@ -414,6 +415,13 @@ median (range) of {} rounds:",
             print!("; downtime {d:.2}x native's");
         }
         println!();
+        if let Some(x) = c.shim_vs_native_after_setup {
+            println!(
+                "after QEMU's setup (its own work before the first page, alike for every method): \
+                 shim {x:.2}x native's{}",
+                by_round(&c.shim_vs_native_after_setup_by_round)
+            );
+        }
     }
     Ok(())
 }

@@ -171,6 +171,16 @@ pub struct MethodResult {
     pub note: Option<String>,
 }
 
+impl MethodResult {
+    /// The total time less QEMU's setup, seconds: the part of the migration its transport
+    /// carries. QEMU's setup (its own work before the first page, the same for every method)
+    /// took 300 to 800 ms on the same machine from one hour to the next, which moves every
+    /// total by as much.
+    pub fn after_setup_s(&self) -> Option<f64> {
+        self.total_s.zip(self.setup_ms).map(|(t, s)| t - s / 1000.0)
+    }
+}
+
 /// The result of `pagestream bench qemu`.
 #[derive(Clone, Debug, Serialize)]
 pub struct QemuBenchReport {
@@ -249,6 +259,8 @@ pub struct MethodSummary {
     pub total_s: Option<Spread>,
     /// QEMU's setup time, milliseconds.
     pub setup_ms: Option<Spread>,
+    /// The total time less QEMU's setup, seconds ([`MethodResult::after_setup_s`]).
+    pub after_setup_s: Option<Spread>,
     /// Source `STOP` to destination `RESUME`, milliseconds.
     pub downtime_ms: Option<Spread>,
     /// Bytes on the link, MiB.
@@ -269,6 +281,10 @@ pub struct Comparison {
     pub shim_vs_best_qemu_time_by_round: Vec<f64>,
     /// Shim downtime over native's (medians).
     pub shim_vs_native_downtime: Option<f64>,
+    /// Shim time after QEMU's setup over native's ([`MethodResult::after_setup_s`], medians).
+    pub shim_vs_native_after_setup: Option<f64>,
+    /// The same, round by round.
+    pub shim_vs_native_after_setup_by_round: Vec<f64>,
 }
 
 /// Per-method summaries of `results`, in the order of `methods`.
@@ -283,6 +299,7 @@ pub fn summarize(results: &[MethodResult], methods: &[Method]) -> Vec<MethodSumm
                 converged: runs.iter().filter(|r| r.converged).count() as u32,
                 total_s: Spread::of(runs.iter().filter_map(|r| r.total_s)),
                 setup_ms: Spread::of(runs.iter().filter_map(|r| r.setup_ms)),
+                after_setup_s: Spread::of(runs.iter().filter_map(|r| r.after_setup_s())),
                 downtime_ms: Spread::of(runs.iter().filter_map(|r| r.downtime_ms)),
                 wire_mib: Spread::of(
                     runs.iter()
@@ -313,13 +330,14 @@ pub fn compare(results: &[MethodResult], summary: &[MethodSummary]) -> Compariso
     let rounds = results.iter().map(|r| r.round).max().unwrap_or(0);
     let mut by_native = Vec::new();
     let mut by_best = Vec::new();
+    let mut after_setup_by_native = Vec::new();
     for round in 1..=rounds {
-        let time = |m: Method| {
-            results
-                .iter()
-                .find(|r| r.round == round && r.method == m)
-                .and_then(|r| r.total_s)
-        };
+        let run = |m: Method| results.iter().find(|r| r.round == round && r.method == m);
+        let after_setup = |m: Method| run(m).and_then(MethodResult::after_setup_s);
+        if let Some((shim, native)) = after_setup(Method::Shim).zip(after_setup(Method::Native)) {
+            after_setup_by_native.push(shim / native);
+        }
+        let time = |m: Method| run(m).and_then(|r| r.total_s);
         let Some(shim) = time(Method::Shim) else {
             continue;
         };
@@ -345,6 +363,11 @@ pub fn compare(results: &[MethodResult], summary: &[MethodSummary]) -> Compariso
             median(Method::Shim, |s| s.downtime_ms),
             median(Method::Native, |s| s.downtime_ms),
         ),
+        shim_vs_native_after_setup: ratio(
+            median(Method::Shim, |s| s.after_setup_s),
+            median(Method::Native, |s| s.after_setup_s),
+        ),
+        shim_vs_native_after_setup_by_round: after_setup_by_native,
     }
 }
 
@@ -736,6 +759,50 @@ mod tests {
         assert_eq!(c.shim_vs_native_downtime, Some(0.4));
         assert_eq!(c.shim_vs_native_time_by_round, vec![0.5, 0.75]);
         assert_eq!(c.shim_vs_best_qemu_time_by_round, vec![1.25, 1.0, 0.8]);
+    }
+
+    #[test]
+    fn qemu_setup_is_taken_out_of_the_time_after_setup() {
+        let with_setup = |method, round, total_s, setup_ms| MethodResult {
+            setup_ms: Some(setup_ms),
+            ..run(method, round, Some(total_s), 100.0)
+        };
+        let results = [
+            with_setup(Method::Native, 1, 5.0, 500.0),
+            with_setup(Method::Shim, 1, 2.5, 700.0),
+            with_setup(Method::Native, 2, 4.5, 300.0),
+            with_setup(Method::Shim, 2, 2.3, 200.0),
+            // No setup time from QEMU: that round's shim has no time after setup.
+            MethodResult {
+                setup_ms: None,
+                ..run(Method::Shim, 3, Some(2.0), 100.0)
+            },
+            with_setup(Method::Native, 3, 4.0, 400.0),
+        ];
+        assert_eq!(results[0].after_setup_s(), Some(4.5));
+        assert_eq!(results[4].after_setup_s(), None);
+        let methods = [Method::Native, Method::Shim];
+        let summary = summarize(&results, &methods);
+        // Native 4.5, 4.2, 3.6; shim 1.8, 2.1.
+        let close = |a: &[f64], b: &[f64]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-9)
+        };
+        let native = summary[0].after_setup_s.unwrap();
+        assert!(
+            close(&[native.median, native.min, native.max], &[4.2, 3.6, 4.5]),
+            "{native:?}"
+        );
+        let shim = summary[1].after_setup_s.unwrap();
+        assert!(close(&[shim.median], &[1.95]), "{shim:?}");
+        let c = compare(&results, &summary);
+        assert!(close(
+            &[c.shim_vs_native_after_setup.unwrap()],
+            &[1.95 / 4.2]
+        ));
+        let by_round = &c.shim_vs_native_after_setup_by_round;
+        assert!(close(by_round, &[0.4, 0.5]), "{by_round:?}");
+        // The total times still count the setup.
+        assert_eq!(c.shim_vs_native_time_by_round, vec![0.5, 2.3 / 4.5, 0.5]);
     }
 
     #[test]
