@@ -556,12 +556,21 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
                 .expect("ip netns exec runs"),
         )
     });
-    let out = if switch_to_postcopy {
+    let (out, libvirt_reported_a_completed_resume_failed) = if switch_to_postcopy {
         std::thread::scope(|scope| {
-            let migrating = scope.spawn(migrate);
+            // Postcopy held to 1 MiB/s where the shim is to die: still under way when the
+            // guest has run a while at the destination, even on a loaded machine (in CI its
+            // first tick there came 20 s after the switch, when 4 MiB/s had nearly finished).
+            let migrating = scope.spawn(|| {
+                if resume_after_destination_shim_dies {
+                    migrate_with(&["--postcopy-bandwidth", "1"])
+                } else {
+                    migrate()
+                }
+            });
             start_postcopy(&src);
             if !resume_after_destination_shim_dies {
-                return migrating.join().expect("virsh migrate runs");
+                return (migrating.join().expect("virsh migrate runs"), false);
             }
             // Only once the destination runs postcopy (it has loaded the device state and
             // resumed the guest) can it pause rather than fail. And only once the guest has
@@ -588,13 +597,25 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
             dst.wait_domain_state("running (post-copy failed)");
             recv = recv_shim(recv_name);
             std::thread::sleep(Duration::from_millis(500));
-            migrate_with(&["--postcopy-resume"])
+            // libvirt 9.0's resume can report a failure on a loaded machine ("job 'migration
+            // in' failed in post-copy phase", at once) and yet complete the migration: its
+            // destination checks the job's status before it has taken in QEMU's news that the
+            // recovery began, and reads the earlier failure, while the QEMUs and the source's
+            // libvirt go on. Seen in CI, and with two busy loops beside the test, where the
+            // domain then ran at the destination ("running (migrated)"), gone from the source.
+            let out = migrate_with(&["--postcopy-resume", "--postcopy-bandwidth", "1000"]);
+            if !out.status.success() && stderr(&out).contains("failed in post-copy phase") {
+                eprintln!("virsh migrate --postcopy-resume: {}", stderr(&out));
+                dst.wait_domain_state("running (migrated)");
+                return (out, true);
+            }
+            (out, false)
         })
     } else {
-        migrate()
+        (migrate(), false)
     };
     assert!(
-        out.status.success(),
+        out.status.success() || libvirt_reported_a_completed_resume_failed,
         "virsh migrate: {}\n--- source shim ---\n{}\n--- destination shim ---\n{}\n{}\n{}",
         stderr(&out),
         read_log(dir, "send.log"),
@@ -738,19 +759,13 @@ fn virsh_migrate_postcopy_runs_through_the_shims() {
 /// (post-copy failed)" at the destination), and `virsh migrate --postcopy-resume` finishes it
 /// through a new destination shim (libvirt's `migrate-recover` at the destination, `migrate`
 /// with `resume` at the source, which the still running source shim takes as a resumed
-/// stream). Postcopy is held to 4 MiB/s (`--postcopy-bandwidth`) so that it is still under way
-/// when the shim dies.
+/// stream). Postcopy is held to 1 MiB/s (`--postcopy-bandwidth`) until the shim dies, so that
+/// it is still under way then, and resumes at 1000 MiB/s.
 #[test]
 fn virsh_migrate_postcopy_resumes_through_a_new_destination_shim() {
     migrate_with_virsh(VirshCase {
         name: "libvirt-postcopy-resume",
-        virsh_args: &[
-            "--postcopy",
-            "--bandwidth",
-            "20",
-            "--postcopy-bandwidth",
-            "4",
-        ],
+        virsh_args: &["--postcopy", "--bandwidth", "20"],
         mode: "opaque",
         connections: 1,
         return_path: true,
