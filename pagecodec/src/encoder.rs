@@ -1,8 +1,9 @@
 //! Turning pages into frames.
 //!
 //! The encoder is a plain state machine: pages go in through [`Encoder::encode`], finished frames
-//! come out of [`Encoder::pop_frame`]. It does no I/O, keeps no clock and starts no thread; a
-//! caller that wants parallelism runs one encoder per shard (see [`ShardMap`](crate::ShardMap)).
+//! come out of [`Encoder::pop_frame`]. It does no I/O and starts no thread, and reads no clock but
+//! its thread's CPU clock, to time its compressors ([`EncoderStats::compress_nanos`]); a caller
+//! that wants parallelism runs one encoder per shard (see [`ShardMap`](crate::ShardMap)).
 //!
 //! Pages that end up LZ4-compressed are gathered into groups of up to [`MAX_GROUP_PAGES`]
 //! consecutive pages and compressed as one block: LZ4 then finds matches across neighbouring
@@ -16,12 +17,12 @@
 //! times LZ4's CPU cost.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use lz4_flex::block::{CompressTable, compress_into_with_table, get_maximum_output_size};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use crate::cache::{DeltaCache, DupIndex};
+use crate::cpu_clock::CpuInstant;
 use crate::history::DeliveredDigests;
 use crate::page::{
     ClassCounts, Generation, MemoryLayout, PAGE_SIZE, Page, PageAddr, PageClass, ZERO_PAGE,
@@ -147,9 +148,10 @@ pub struct EncoderStats {
     pub wire_bytes: u64,
     /// Page bytes given to the group compressors (LZ4 or zstd).
     pub compressed_input: u64,
-    /// Time spent in the group compressors, nanoseconds: with `compressed_input`, the pace at
-    /// which this encoder compresses, which tells a caller whether compressing can keep up
-    /// with its link.
+    /// CPU time the encoding thread spent in the group compressors, nanoseconds (its CPU
+    /// clock, so that time spent waiting for a CPU does not count): with `compressed_input`,
+    /// the pace at which this encoder compresses, which tells a caller whether compressing can
+    /// keep up with its link.
     pub compress_nanos: u64,
 }
 
@@ -691,7 +693,7 @@ impl Encoder {
         if compress {
             self.lz4_credit -= 100;
         }
-        let timer = compress.then(Instant::now);
+        let timer = compress.then(CpuInstant::now);
         let zstd_len = if compress && self.features & FEATURE_ZSTD != 0 {
             self.zstd_credit += self.zstd_share;
             if self.zstd_credit >= 100 {
@@ -715,7 +717,7 @@ impl Encoder {
         };
         if let Some(timer) = timer {
             self.stats.compressed_input += raw_len as u64;
-            self.stats.compress_nanos += timer.elapsed().as_nanos() as u64;
+            self.stats.compress_nanos += timer.elapsed_nanos();
         }
         let cost = varint_len(u64::from(count)) + varint_len(len as u64) + len;
         if cost < raw_len {

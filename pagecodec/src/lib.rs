@@ -22,6 +22,7 @@
 //! The wire format is specified in [`wire`].
 
 mod cache;
+mod cpu_clock;
 pub mod decoder;
 pub mod encoder;
 mod history;
