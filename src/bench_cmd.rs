@@ -337,8 +337,15 @@ fn qemu(args: QemuArgs) -> Result<()> {
     println!();
     let repeated = report.repeat > 1;
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>14} {:>10} {:>10}",
-        "method", "total s", "setup", "downtime", "on the wire", "converged", "status"
+        "{:<24} {:>10} {:>10} {:>10} {:>14} {:>17} {:>10} {:>10}",
+        "method",
+        "total s",
+        "setup",
+        "downtime",
+        "on the wire",
+        "CPU busy (idle)",
+        "converged",
+        "status"
     );
     for r in &report.results {
         let name = if repeated {
@@ -347,12 +354,16 @@ fn qemu(args: QemuArgs) -> Result<()> {
             r.method.name().to_string()
         };
         println!(
-            "{:<24} {:>10} {:>10} {:>10} {:>10.1} MiB {:>10} {:>10}",
+            "{:<24} {:>10} {:>10} {:>10} {:>10.1} MiB {:>17} {:>10} {:>10}",
             name,
             r.total_s.map_or("-".into(), |t| format!("{t:.2}")),
             r.setup_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
             r.downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
             r.wire_bytes as f64 / (1u64 << 20) as f64,
+            r.cpu.map_or("-".into(), |c| format!(
+                "{:.1} s ({:.1} s)",
+                c.busy_s, c.idle_s
+            )),
             if r.converged { "yes" } else { "no" },
             r.status
         );
@@ -377,17 +388,24 @@ median (range) of {} rounds:",
             report.repeat
         );
         println!(
-            "{:<24} {:>20} {:>20} {:>22} {:>22} {:>10}",
-            "method", "total s", "after setup s", "downtime", "on the wire", "converged"
+            "{:<24} {:>20} {:>20} {:>22} {:>22} {:>20} {:>10}",
+            "method",
+            "total s",
+            "after setup s",
+            "downtime",
+            "on the wire",
+            "CPU busy s",
+            "converged"
         );
         for s in &report.summary {
             println!(
-                "{:<24} {:>20} {:>20} {:>22} {:>22} {:>10}",
+                "{:<24} {:>20} {:>20} {:>22} {:>22} {:>20} {:>10}",
                 s.method.name(),
                 spread(s.total_s, "", 2),
                 spread(s.after_setup_s, "", 2),
                 spread(s.downtime_ms, " ms", 0),
                 spread(s.wire_mib, " MiB", 0),
+                spread(s.cpu_busy_s, "", 1),
                 format!("{}/{}", s.converged, s.runs)
             );
         }

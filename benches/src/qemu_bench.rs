@@ -21,6 +21,7 @@ use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::machine::{CpuTimes, CpuUse, clock_ticks_per_s};
 use crate::netns::LinkPair;
 use crate::transport_bench::Link;
 
@@ -167,6 +168,11 @@ pub struct MethodResult {
     pub wire_bytes: u64,
     /// Bytes QEMU says it transferred.
     pub qemu_transferred: u64,
+    /// The whole machine's CPU time from `migrate` until the migration ended: both VMs (their
+    /// guests' own work included), the shims, the kernel. On a machine whose CPUs run out, the
+    /// methods that need more CPU per page take longer; this shows how much each one needed and
+    /// how much was left idle.
+    pub cpu: Option<CpuUse>,
     /// Why a figure is missing, if one is.
     pub note: Option<String>,
 }
@@ -265,6 +271,8 @@ pub struct MethodSummary {
     pub downtime_ms: Option<Spread>,
     /// Bytes on the link, MiB.
     pub wire_mib: Option<Spread>,
+    /// The machine's busy CPU time over the migration, seconds ([`MethodResult::cpu`]).
+    pub cpu_busy_s: Option<Spread>,
 }
 
 /// The shim (`shim`, parsing mode) against QEMU's own migrations: ratios of the medians, and
@@ -304,6 +312,11 @@ pub fn summarize(results: &[MethodResult], methods: &[Method]) -> Vec<MethodSumm
                 wire_mib: Spread::of(
                     runs.iter()
                         .map(|r| r.wire_bytes as f64 / (1u64 << 20) as f64),
+                ),
+                cpu_busy_s: Spread::of(
+                    runs.iter()
+                        .filter(|r| r.converged)
+                        .filter_map(|r| r.cpu.map(|c| c.busy_s)),
                 ),
             }
         })
@@ -503,6 +516,7 @@ fn run_method(
     src.parameters(params).map_err(err)?;
 
     let tx_before = pair.src_tx_bytes()?;
+    let cpu_before = CpuTimes::read()?;
     src.migrate(&outgoing).map_err(err)?;
     let started = Instant::now();
     let mut info;
@@ -527,6 +541,7 @@ fn run_method(
         std::thread::sleep(Duration::from_millis(50));
     }
     let tx_after = pair.src_tx_bytes()?;
+    let cpu = CpuTimes::read()?.since(&cpu_before, clock_ticks_per_s());
     // QEMU 7.2 reports "completed" a moment before it computes total-time (it shows 0 until
     // then): ask again until the figure is there.
     for _ in 0..50 {
@@ -606,6 +621,7 @@ fn run_method(
         setup_ms: info["setup-time"].as_f64(),
         wire_bytes: tx_after.saturating_sub(tx_before),
         qemu_transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        cpu: Some(cpu),
         note,
     })
 }
@@ -699,6 +715,12 @@ mod tests {
             setup_ms: Some(400.0),
             wire_bytes: 100 << 20,
             qemu_transferred: 0,
+            // A cancelled run used the CPUs too, for the whole time limit.
+            cpu: Some(CpuUse {
+                busy_s: total_s.unwrap_or(60.0) * 1.5,
+                idle_s: 1.0,
+                steal_s: 0.0,
+            }),
             note: None,
         }
     }
@@ -735,6 +757,16 @@ mod tests {
             }
         );
         assert_eq!(summary[1].wire_mib.unwrap().median, 100.0);
+        // CPU time, like times, only of the runs that completed.
+        assert_eq!(
+            summary[0].cpu_busy_s.unwrap(),
+            Spread {
+                median: 7.5,
+                min: 7.5,
+                max: 7.5
+            }
+        );
+        assert!((summary[1].cpu_busy_s.unwrap().median - 3.9).abs() < 1e-9);
     }
 
     #[test]
