@@ -1299,37 +1299,7 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
     let mut s = setup_sides("cancel", &[], json!({}), 2000, sides);
     let dir = s.scratch.0.clone();
     let src_uri = format!("unix:{}", dir.join("src.sock").display());
-    s.src.migrate(&src_uri).unwrap();
-    wait_under_way(&mut s.src, 16 << 20);
-    s.src.qmp.execute("migrate_cancel", json!({})).unwrap();
-    let info = s.src.wait_migration(Duration::from_secs(60)).unwrap();
-    assert_eq!(info["status"], "cancelled", "{info}");
-    assert_eq!(s.src.status().unwrap(), "running", "the source VM runs on");
-    assert!(
-        s.dst.wait_exit(Duration::from_secs(30)),
-        "the destination QEMU gives up on the cancelled migration\nrecv: {}",
-        read_log(&dir, "recv.log")
-    );
-    for (json, side, log) in [
-        ("send.json", "source shim", "send.log"),
-        ("recv.json", "destination shim", "recv.log"),
-    ] {
-        let summaries = json_summaries(&dir.join(json), 1);
-        assert_eq!(summaries.len(), 1, "{side}: {}", read_log(&dir, log));
-        assert_eq!(summaries[0]["side"], side);
-        assert_eq!(summaries[0]["completed"], false, "{}", summaries[0]);
-        // Every byte QEMU wrote was carried: the shims fail the migration for what it was.
-        let error = summaries[0]["error"].as_str().unwrap_or_default();
-        assert!(
-            error.contains("the migration was cancelled or failed at the source"),
-            "{side}: {error}"
-        );
-        assert!(
-            read_log(&dir, log).contains("FAILED"),
-            "{side}: {}",
-            read_log(&dir, log)
-        );
-    }
+    cancel_midway(&mut s, &src_uri);
     assert_eq!(
         s.send.0.try_wait().unwrap(),
         None,
@@ -1370,6 +1340,64 @@ fn a_cancelled_migration_ends_on_both_sides_and_the_shims_carry_the_next_one() {
             "a session of its own"
         );
     }
+}
+
+/// Starts a migration to `src_uri`, cancels it once 16 MiB are under way, and checks what the
+/// user sees: the source reports it cancelled and runs on, the destination QEMU gives up, and
+/// both shims report the migration failed because it was cancelled at the source.
+fn cancel_midway(s: &mut Setup, src_uri: &str) {
+    let dir = s.scratch.0.clone();
+    s.src.migrate(src_uri).unwrap();
+    wait_under_way(&mut s.src, 16 << 20);
+    s.src.qmp.execute("migrate_cancel", json!({})).unwrap();
+    let info = s.src.wait_migration(Duration::from_secs(60)).unwrap();
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert_eq!(s.src.status().unwrap(), "running", "the source VM runs on");
+    assert!(
+        s.dst.wait_exit(Duration::from_secs(30)),
+        "the destination QEMU gives up on the cancelled migration\nrecv: {}",
+        read_log(&dir, "recv.log")
+    );
+    for (json, side, log) in [
+        ("send.json", "source shim", "send.log"),
+        ("recv.json", "destination shim", "recv.log"),
+    ] {
+        let summaries = json_summaries(&dir.join(json), 1);
+        assert_eq!(summaries.len(), 1, "{side}: {}", read_log(&dir, log));
+        assert_eq!(summaries[0]["side"], side);
+        assert_eq!(summaries[0]["completed"], false, "{}", summaries[0]);
+        // Every byte QEMU wrote was carried: the shims fail the migration for what it was.
+        let error = summaries[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the migration was cancelled or failed at the source"),
+            "{side}: {error}"
+        );
+        assert!(
+            read_log(&dir, log).contains("FAILED"),
+            "{side}: {}",
+            read_log(&dir, log)
+        );
+    }
+}
+
+/// The same cancel into a destination QEMU that loads the pages over multifd channels its shim
+/// feeds (`--qemu-multifd`). The source QEMU's stream stops inside a page record; the
+/// destination shim once took that cut record for a stream the parser had stopped following,
+/// failed the migration for "the destination QEMU's multifd channels cannot be given their
+/// barriers" and told the user to turn multifd off.
+#[test]
+fn a_cancelled_migration_into_a_destination_loading_over_multifd_is_reported_cancelled() {
+    let sides = Sides {
+        recv_args: &["--qemu-multifd", "2"],
+        dst_caps: &[("multifd", true)],
+        dst_params: Some(json!({ "multifd-channels": 2, "multifd-compression": "none" })),
+        ..Sides::default()
+    };
+    let mut s = setup_sides("cancel-dest-multifd", &[], json!({}), 2000, sides);
+    let src_uri = format!("unix:{}", s.scratch.0.join("src.sock").display());
+    cancel_midway(&mut s, &src_uri);
+    let recv = read_log(&s.scratch.0, "recv.log");
+    assert!(!recv.contains("cannot be given their barriers"), "{recv}");
 }
 
 /// A migration cancelled midway in opaque mode, which the shims do not follow: both report it
