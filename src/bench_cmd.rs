@@ -281,6 +281,10 @@ fn qemu(args: QemuArgs) -> Result<()> {
     if args.repeat == 0 || args.repeat > 20 {
         bail!("--repeat must be between 1 and 20");
     }
+    // A limit of 0 cancels every migration as it starts, which tells nothing about any method.
+    if args.time_limit == 0 || args.time_limit > 3600 {
+        bail!("--time-limit must be between 1 and 3600 seconds");
+    }
     let methods = args
         .methods
         .split(',')

@@ -165,7 +165,7 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
         (
             &["shim", "recv", "--listen", "127.0.0.1:0", "--qemu", "tcp:1"],
             "is not tcp:HOST:PORT",
@@ -173,6 +173,10 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         (
             &["bench", "qemu", "--repeat", "0"],
             "--repeat must be between 1 and 20",
+        ),
+        (
+            &["bench", "qemu", "--time-limit", "0"],
+            "--time-limit must be between 1 and 3600 seconds",
         ),
         (
             &["bench", "qemu", "--qemu", "9"],
