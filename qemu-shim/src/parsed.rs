@@ -560,6 +560,7 @@ fn source_return_path(
         let mut to_qemu = WatchedWriter {
             inner: &mut qemu_out,
             watch: Watch::ReturnPath(&session),
+            failed: false,
         };
         let received = link::from_link(&mut link, &mut to_qemu, |r, w| {
             raw.fetch_add(r, Ordering::Relaxed);
@@ -571,7 +572,11 @@ fn source_return_path(
                 Ok(())
             }
             Err(e) => {
-                let why = format!("return path from the other shim: {}", link::link_error(&e));
+                let why = if to_qemu.failed {
+                    format!("writing QEMU's return path to it failed: {e}")
+                } else {
+                    format!("return path from the other shim: {}", link::link_error(&e))
+                };
                 session.fail(why.clone());
                 Err(why)
             }
@@ -1108,7 +1113,7 @@ impl Rebuild<'_> {
 /// What a failed write to the destination QEMU means. QEMU closes its migration connection
 /// when it refuses the stream or fails loading it (a machine of another size or type, a device
 /// it does not have): say so, rather than just that a pipe broke.
-fn qemu_write_error(e: io::Error) -> String {
+pub(crate) fn qemu_write_error(e: io::Error) -> String {
     match e.kind() {
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => format!(
             "the destination QEMU closed the migration connection while the stream was being \

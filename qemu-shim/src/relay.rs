@@ -753,6 +753,9 @@ impl<R: Read> Read for WatchedReader<'_, R> {
 pub(crate) struct WatchedWriter<'a, W> {
     pub(crate) inner: W,
     pub(crate) watch: Watch<'a>,
+    /// Whether a write to `inner` failed: an error from the copy then belongs to this side,
+    /// not to the link it copies from.
+    pub(crate) failed: bool,
 }
 
 impl<W: Write> Write for WatchedWriter<'_, W> {
@@ -764,7 +767,10 @@ impl<W: Write> Write for WatchedWriter<'_, W> {
         let seen = match &written {
             Ok(n) => &buf[..*n],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => &[],
-            Err(_) => buf,
+            Err(_) => {
+                self.failed = true;
+                buf
+            }
         };
         self.watch.feed(seen);
         written
@@ -814,15 +820,23 @@ fn relay(
             let mut to_qemu = WatchedWriter {
                 inner: &mut qemu_out,
                 watch: Watch::of(&session, main, !forward),
+                failed: false,
             };
-            link::from_link(&mut link_in, &mut to_qemu, |r, w| {
+            let copied = link::from_link(&mut link_in, &mut to_qemu, |r, w| {
                 raw.fetch_add(r, Ordering::Relaxed);
                 wire.fetch_add(w, Ordering::Relaxed);
-            })
-            .map_err(|e| {
+            });
+            let qemu_failed = to_qemu.failed;
+            copied.map_err(|e| {
+                let why = if qemu_failed && !forward {
+                    crate::parsed::qemu_write_error(e)
+                } else if qemu_failed {
+                    format!("writing QEMU's return path to it failed: {e}")
+                } else {
+                    format!("from the other shim: {}", link::link_error(&e))
+                };
                 // Fail the session now: the other direction may be blocked reading a QEMU that
                 // will never send again, and must be woken.
-                let why = format!("from the other shim: {}", link::link_error(&e));
                 session.fail(why.clone());
                 why
             })?;
@@ -1550,6 +1564,70 @@ pub fn run_destination_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relay between a "QEMU" (one end of a unix socket pair) and a link (a loopback TCP
+    /// pair) whose other shim sends `stream` and then its end marker, on the destination side;
+    /// returns the session's failure, the one its summary reports.
+    fn relay_to_destination_qemu(stream: &[u8], qemu_gone: bool, link_cut: bool) -> Option<String> {
+        let (qemu_side, qemu_peer) = UnixStream::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut other_shim = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (link, _) = listener.accept().unwrap();
+        if qemu_gone {
+            drop(qemu_peer);
+        } else {
+            // A QEMU that takes everything and sends nothing back.
+            std::thread::spawn(move || {
+                let mut peer = qemu_peer;
+                let _ = peer.shutdown(Shutdown::Write);
+                let _ = io::copy(&mut peer, &mut io::sink());
+            });
+        }
+        let data = stream.to_vec();
+        let sender = std::thread::spawn(move || {
+            if link_cut {
+                // A few bytes of a frame header, then the connection closes.
+                let _ = other_shim.write_all(&[7, 0]);
+            } else {
+                let _ = link::to_link(
+                    &mut data.as_slice(),
+                    &mut other_shim,
+                    Compression::Lz4,
+                    |_, _| {},
+                );
+            }
+            let _ = other_shim.shutdown(Shutdown::Write);
+            let _ = io::copy(&mut other_shim, &mut io::sink());
+        });
+        let session = Session::new([1; 16]);
+        let outcome = relay(
+            Conn::Unix(qemu_side),
+            Vec::new(),
+            link,
+            &session,
+            false,
+            false,
+            Compression::Lz4,
+        );
+        sender.join().unwrap();
+        assert_eq!(outcome.is_ok(), session.failed().is_none(), "{outcome:?}");
+        session.failed()
+    }
+
+    /// A destination QEMU that closed its connection fails the relay's writes: the error says
+    /// QEMU closed it (and where to look), not that the other shim failed.
+    #[test]
+    fn a_relay_names_the_side_that_failed() {
+        let stream = vec![0x5a; 4 << 20];
+        assert_eq!(relay_to_destination_qemu(&stream, false, false), None);
+        let err = relay_to_destination_qemu(&stream, true, false).unwrap();
+        assert!(
+            err.contains("the destination QEMU closed the migration connection"),
+            "{err}"
+        );
+        let err = relay_to_destination_qemu(&stream, false, true).unwrap();
+        assert!(err.starts_with("from the other shim: "), "{err}");
+    }
 
     #[test]
     fn a_migration_takes_only_its_own_qemus_connections() {
