@@ -414,6 +414,27 @@ median (range) of {} rounds:",
             );
         }
     }
+    let median =
+        |s: Option<qemu_bench::Spread>| s.map_or("-".into(), |s| format!("{:.1}", s.median));
+    println!(
+        "\nCPU seconds over the migration{}:\n{:<24} {:>12} {:>12} {:>17} {:>8}",
+        if repeated { " (medians)" } else { "" },
+        "method",
+        "machine busy",
+        "source QEMU",
+        "destination QEMU",
+        "shims"
+    );
+    for s in &report.summary {
+        println!(
+            "{:<24} {:>12} {:>12} {:>17} {:>8}",
+            s.method.name(),
+            median(s.cpu_busy_s),
+            median(s.source_qemu_cpu_s),
+            median(s.destination_qemu_cpu_s),
+            median(s.shims_cpu_s)
+        );
+    }
     let c = &report.comparison;
     let by_round = |ratios: &[f64]| {
         qemu_bench::Spread::of(ratios.iter().copied())

@@ -79,6 +79,38 @@ impl CpuTimes {
     }
 }
 
+/// CPU seconds (user and system) process `pid` has used so far, from `/proc/PID/stat`.
+pub fn process_cpu_s(pid: u32) -> Result<f64, String> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let ticks = process_ticks(&text).ok_or_else(|| format!("{path} has no readable CPU times"))?;
+    Ok(ticks as f64 / clock_ticks_per_s())
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in clock ticks: fields 14 and 15, counted after
+/// the command name in parentheses (which may hold spaces and parentheses itself).
+fn process_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // After the name come field 3 (state) onwards: utime and stime are the 12th and 13th.
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU seconds (user and system) this process has used so far, all its threads.
+pub fn own_cpu_s() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a valid, writable rusage; RUSAGE_SELF needs nothing else.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return 0.0;
+    }
+    // SAFETY: getrusage succeeded and filled it.
+    let usage = unsafe { usage.assume_init() };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(usage.ru_utime) + s(usage.ru_stime)
+}
+
 /// Clock ticks per second of `/proc/stat` (`USER_HZ`).
 pub fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
@@ -116,6 +148,22 @@ mod tests {
         assert_eq!(CpuTimes::parse("cpu0 1 2 3 4\n"), None);
         assert_eq!(CpuTimes::parse("cpu  1 2 x 4\n"), None);
         assert_eq!(CpuTimes::parse("cpu  1 2\n"), None);
+    }
+
+    #[test]
+    fn a_process_cpu_time_is_read_past_an_odd_name() {
+        let stat = "4242 (qemu (x) 1) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 3 0 99 1000 50";
+        assert_eq!(process_ticks(stat), Some(175));
+        assert_eq!(process_ticks("4242 (cut) S 1 2"), None);
+        assert_eq!(process_ticks("no name here"), None);
+        let mine = process_cpu_s(std::process::id()).unwrap();
+        assert!(mine >= 0.0);
+        let start = own_cpu_s();
+        let mut x = 0u64;
+        while own_cpu_s() - start < 0.02 {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(process_cpu_s(std::process::id()).unwrap() >= mine);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::machine::{CpuTimes, CpuUse, clock_ticks_per_s};
+use crate::machine::{CpuTimes, CpuUse, clock_ticks_per_s, own_cpu_s, process_cpu_s};
 use crate::netns::LinkPair;
 use crate::transport_bench::Link;
 
@@ -173,6 +173,8 @@ pub struct MethodResult {
     /// methods that need more CPU per page take longer; this shows how much each one needed and
     /// how much was left idle.
     pub cpu: Option<CpuUse>,
+    /// The same span's CPU time by process.
+    pub cpu_by_process: Option<ProcessCpu>,
     /// Why a figure is missing, if one is.
     pub note: Option<String>,
 }
@@ -185,6 +187,17 @@ impl MethodResult {
     pub fn after_setup_s(&self) -> Option<f64> {
         self.total_s.zip(self.setup_ms).map(|(t, s)| t - s / 1000.0)
     }
+}
+
+/// CPU seconds (user and system) each process used over a migration.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ProcessCpu {
+    /// The source QEMU (its guest's own work included).
+    pub source_qemu_s: f64,
+    /// The destination QEMU.
+    pub destination_qemu_s: f64,
+    /// Both shims (they run in the bench's own process; null for QEMU's own methods).
+    pub shims_s: Option<f64>,
 }
 
 /// The result of `pagestream bench qemu`.
@@ -273,6 +286,12 @@ pub struct MethodSummary {
     pub wire_mib: Option<Spread>,
     /// The machine's busy CPU time over the migration, seconds ([`MethodResult::cpu`]).
     pub cpu_busy_s: Option<Spread>,
+    /// The source QEMU's CPU time over the migration, seconds.
+    pub source_qemu_cpu_s: Option<Spread>,
+    /// The destination QEMU's.
+    pub destination_qemu_cpu_s: Option<Spread>,
+    /// The shims' (shim methods only).
+    pub shims_cpu_s: Option<Spread>,
 }
 
 /// The shim (`shim`, parsing mode) against QEMU's own migrations: ratios of the medians, and
@@ -317,6 +336,21 @@ pub fn summarize(results: &[MethodResult], methods: &[Method]) -> Vec<MethodSumm
                     runs.iter()
                         .filter(|r| r.converged)
                         .filter_map(|r| r.cpu.map(|c| c.busy_s)),
+                ),
+                source_qemu_cpu_s: Spread::of(
+                    runs.iter()
+                        .filter(|r| r.converged)
+                        .filter_map(|r| r.cpu_by_process.map(|c| c.source_qemu_s)),
+                ),
+                destination_qemu_cpu_s: Spread::of(
+                    runs.iter()
+                        .filter(|r| r.converged)
+                        .filter_map(|r| r.cpu_by_process.map(|c| c.destination_qemu_s)),
+                ),
+                shims_cpu_s: Spread::of(
+                    runs.iter()
+                        .filter(|r| r.converged)
+                        .filter_map(|r| r.cpu_by_process.and_then(|c| c.shims_s)),
                 ),
             }
         })
@@ -517,6 +551,11 @@ fn run_method(
 
     let tx_before = pair.src_tx_bytes()?;
     let cpu_before = CpuTimes::read()?;
+    let processes_before = (
+        process_cpu_s(src.pid())?,
+        process_cpu_s(dst.pid())?,
+        own_cpu_s(),
+    );
     src.migrate(&outgoing).map_err(err)?;
     let started = Instant::now();
     let mut info;
@@ -542,6 +581,15 @@ fn run_method(
     }
     let tx_after = pair.src_tx_bytes()?;
     let cpu = CpuTimes::read()?.since(&cpu_before, clock_ticks_per_s());
+    // Read while both QEMUs still run (a destination that failed may be gone: no figure).
+    let cpu_by_process = process_cpu_s(src.pid())
+        .and_then(|s| Ok((s, process_cpu_s(dst.pid())?)))
+        .ok()
+        .map(|(source, destination)| ProcessCpu {
+            source_qemu_s: source - processes_before.0,
+            destination_qemu_s: destination - processes_before.1,
+            shims_s: shim.then(|| own_cpu_s() - processes_before.2),
+        });
     // QEMU 7.2 reports "completed" a moment before it computes total-time (it shows 0 until
     // then): ask again until the figure is there.
     for _ in 0..50 {
@@ -622,6 +670,7 @@ fn run_method(
         wire_bytes: tx_after.saturating_sub(tx_before),
         qemu_transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
         cpu: Some(cpu),
+        cpu_by_process,
         note,
     })
 }
@@ -721,6 +770,11 @@ mod tests {
                 idle_s: 1.0,
                 steal_s: 0.0,
             }),
+            cpu_by_process: Some(ProcessCpu {
+                source_qemu_s: 1.0,
+                destination_qemu_s: 2.0,
+                shims_s: method.is_shim().then_some(3.0),
+            }),
             note: None,
         }
     }
@@ -767,6 +821,9 @@ mod tests {
             }
         );
         assert!((summary[1].cpu_busy_s.unwrap().median - 3.9).abs() < 1e-9);
+        assert_eq!(summary[0].destination_qemu_cpu_s.unwrap().median, 2.0);
+        assert_eq!(summary[0].shims_cpu_s, None, "native has no shims");
+        assert_eq!(summary[1].shims_cpu_s.unwrap().median, 3.0);
     }
 
     #[test]

@@ -372,6 +372,11 @@ impl QemuVm {
         }
     }
 
+    /// The QEMU process's id (`ip netns exec` runs QEMU in its own process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The QEMU process's resident memory (`VmRSS`), bytes.
     pub fn resident_bytes(&self) -> Result<u64, VmError> {
         let path = format!("/proc/{}/status", self.child.id());
