@@ -320,6 +320,14 @@ pub fn summarize(results: &[MethodResult], methods: &[Method]) -> Vec<MethodSumm
         .iter()
         .map(|&method| {
             let runs: Vec<&MethodResult> = results.iter().filter(|r| r.method == method).collect();
+            // CPU times, like the times, only of the runs that completed.
+            let of_completed = |figure: &dyn Fn(&MethodResult) -> Option<f64>| {
+                Spread::of(
+                    runs.iter()
+                        .filter(|r| r.converged)
+                        .filter_map(|r| figure(r)),
+                )
+            };
             MethodSummary {
                 method,
                 runs: runs.len() as u32,
@@ -332,26 +340,12 @@ pub fn summarize(results: &[MethodResult], methods: &[Method]) -> Vec<MethodSumm
                     runs.iter()
                         .map(|r| r.wire_bytes as f64 / (1u64 << 20) as f64),
                 ),
-                cpu_busy_s: Spread::of(
-                    runs.iter()
-                        .filter(|r| r.converged)
-                        .filter_map(|r| r.cpu.map(|c| c.busy_s)),
-                ),
-                source_qemu_cpu_s: Spread::of(
-                    runs.iter()
-                        .filter(|r| r.converged)
-                        .filter_map(|r| r.cpu_by_process.map(|c| c.source_qemu_s)),
-                ),
-                destination_qemu_cpu_s: Spread::of(
-                    runs.iter()
-                        .filter(|r| r.converged)
-                        .filter_map(|r| r.cpu_by_process.map(|c| c.destination_qemu_s)),
-                ),
-                shims_cpu_s: Spread::of(
-                    runs.iter()
-                        .filter(|r| r.converged)
-                        .filter_map(|r| r.cpu_by_process.and_then(|c| c.shims_s)),
-                ),
+                cpu_busy_s: of_completed(&|r| r.cpu.map(|c| c.busy_s)),
+                source_qemu_cpu_s: of_completed(&|r| r.cpu_by_process.map(|c| c.source_qemu_s)),
+                destination_qemu_cpu_s: of_completed(&|r| {
+                    r.cpu_by_process.map(|c| c.destination_qemu_s)
+                }),
+                shims_cpu_s: of_completed(&|r| r.cpu_by_process.and_then(|c| c.shims_s)),
             }
         })
         .collect()
