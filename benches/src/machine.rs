@@ -98,19 +98,6 @@ fn process_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// CPU seconds (user and system) this process has used so far, all its threads.
-pub fn own_cpu_s() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `usage` is a valid, writable rusage; RUSAGE_SELF needs nothing else.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
-        return 0.0;
-    }
-    // SAFETY: getrusage succeeded and filled it.
-    let usage = unsafe { usage.assume_init() };
-    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    s(usage.ru_utime) + s(usage.ru_stime)
-}
-
 /// Clock ticks per second of `/proc/stat` (`USER_HZ`).
 pub fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
@@ -156,14 +143,20 @@ mod tests {
         assert_eq!(process_ticks(stat), Some(175));
         assert_eq!(process_ticks("4242 (cut) S 1 2"), None);
         assert_eq!(process_ticks("no name here"), None);
-        let mine = process_cpu_s(std::process::id()).unwrap();
-        assert!(mine >= 0.0);
-        let start = own_cpu_s();
+        // This process, busy until its CPU time moves on by at least a clock tick.
+        let me = std::process::id();
+        let start = process_cpu_s(me).unwrap();
+        let wall = std::time::Instant::now();
         let mut x = 0u64;
-        while own_cpu_s() - start < 0.02 {
-            x = std::hint::black_box(x.wrapping_add(1));
+        while process_cpu_s(me).unwrap() <= start && wall.elapsed().as_secs() < 10 {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
         }
-        assert!(process_cpu_s(std::process::id()).unwrap() >= mine);
+        assert!(
+            process_cpu_s(me).unwrap() > start,
+            "10 s of spinning counted no CPU time"
+        );
     }
 
     #[test]

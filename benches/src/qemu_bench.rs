@@ -21,7 +21,7 @@ use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::machine::{CpuTimes, CpuUse, clock_ticks_per_s, own_cpu_s, process_cpu_s};
+use crate::machine::{CpuTimes, CpuUse, clock_ticks_per_s, process_cpu_s};
 use crate::netns::LinkPair;
 use crate::transport_bench::Link;
 
@@ -545,10 +545,12 @@ fn run_method(
 
     let tx_before = pair.src_tx_bytes()?;
     let cpu_before = CpuTimes::read()?;
+    // The shims run in this process.
+    let me = std::process::id();
     let processes_before = (
         process_cpu_s(src.pid())?,
         process_cpu_s(dst.pid())?,
-        own_cpu_s(),
+        process_cpu_s(me)?,
     );
     src.migrate(&outgoing).map_err(err)?;
     let started = Instant::now();
@@ -577,12 +579,12 @@ fn run_method(
     let cpu = CpuTimes::read()?.since(&cpu_before, clock_ticks_per_s());
     // Read while both QEMUs still run (a destination that failed may be gone: no figure).
     let cpu_by_process = process_cpu_s(src.pid())
-        .and_then(|s| Ok((s, process_cpu_s(dst.pid())?)))
+        .and_then(|s| Ok((s, process_cpu_s(dst.pid())?, process_cpu_s(me)?)))
         .ok()
-        .map(|(source, destination)| ProcessCpu {
+        .map(|(source, destination, shims)| ProcessCpu {
             source_qemu_s: source - processes_before.0,
             destination_qemu_s: destination - processes_before.1,
-            shims_s: shim.then(|| own_cpu_s() - processes_before.2),
+            shims_s: shim.then_some(shims - processes_before.2),
         });
     // QEMU 7.2 reports "completed" a moment before it computes total-time (it shows 0 until
     // then): ask again until the figure is there.

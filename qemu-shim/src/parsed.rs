@@ -573,7 +573,7 @@ fn source_return_path(
             }
             Err(e) => {
                 let why = if to_qemu.failed {
-                    format!("writing QEMU's return path to it failed: {e}")
+                    crate::relay::return_path_write_error(&e)
                 } else {
                     format!("return path from the other shim: {}", link::link_error(&e))
                 };

@@ -781,6 +781,11 @@ impl<W: Write> Write for WatchedWriter<'_, W> {
     }
 }
 
+/// What a failed write of the return path into the source QEMU means.
+pub(crate) fn return_path_write_error(e: &io::Error) -> String {
+    format!("writing QEMU's return path to it failed: {e}")
+}
+
 /// Relays one QEMU connection over one link, both directions, until both ended. `forward`:
 /// this side reads QEMU's migration stream (the source shim); otherwise it reads QEMU's return
 /// path (the destination shim). `main`: it is the main channel, whose return path the session
@@ -831,7 +836,7 @@ fn relay(
                 let why = if qemu_failed && !forward {
                     crate::parsed::qemu_write_error(e)
                 } else if qemu_failed {
-                    format!("writing QEMU's return path to it failed: {e}")
+                    return_path_write_error(&e)
                 } else {
                     format!("from the other shim: {}", link::link_error(&e))
                 };
