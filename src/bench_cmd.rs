@@ -26,6 +26,11 @@ pub struct QemuArgs {
     /// removed afterwards).
     #[arg(long, default_value = "1gbit")]
     link: String,
+    /// The link's round-trip time, milliseconds (0 to 1000): with it, the namespaces are joined
+    /// by TUN devices and a delay line in this process instead of a veth pair, as two hosts a
+    /// distance apart. 0: a veth pair, as two hosts on one switch.
+    #[arg(long, default_value_t = 0)]
+    rtt: u32,
     /// Guest memory, MiB.
     #[arg(long, default_value_t = 1024)]
     mem: u32,
@@ -285,6 +290,9 @@ fn qemu(args: QemuArgs) -> Result<()> {
     if args.time_limit == 0 || args.time_limit > 3600 {
         bail!("--time-limit must be between 1 and 3600 seconds");
     }
+    if args.rtt > 1000 {
+        bail!("--rtt must be between 0 and 1000 milliseconds");
+    }
     let methods = args
         .methods
         .split(',')
@@ -300,6 +308,7 @@ fn qemu(args: QemuArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let config = QemuBenchConfig {
         link,
+        rtt: std::time::Duration::from_millis(args.rtt.into()),
         memory_mib: args.mem,
         fill_mib: args.fill,
         dirty_rate: args.dirty_rate,
@@ -335,6 +344,12 @@ fn qemu(args: QemuArgs) -> Result<()> {
         report.qemu
     );
     println!("machine: {}", report.machine);
+    if report.rtt_ms > 0.0 {
+        println!(
+            "round-trip time {} ms (TUN devices and a delay line; its CPU is left out of the shims')",
+            report.rtt_ms
+        );
+    }
     if report.prealloc_destination {
         println!("destination QEMUs with their memory preallocated (-mem-prealloc)");
     }

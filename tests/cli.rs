@@ -165,7 +165,7 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 13] = [
         (
             &["shim", "recv", "--listen", "127.0.0.1:0", "--qemu", "tcp:1"],
             "is not tcp:HOST:PORT",
@@ -177,6 +177,10 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         (
             &["bench", "qemu", "--time-limit", "0"],
             "--time-limit must be between 1 and 3600 seconds",
+        ),
+        (
+            &["bench", "qemu", "--rtt", "5000"],
+            "--rtt must be between 0 and 1000 milliseconds",
         ),
         (
             &["bench", "qemu", "--qemu", "9"],

@@ -4,6 +4,7 @@
 
 pub mod baseline;
 pub mod codec_bench;
+pub mod delay_line;
 pub mod imagegen;
 pub mod machine;
 pub mod netns;

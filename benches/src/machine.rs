@@ -81,10 +81,14 @@ impl CpuTimes {
 
 /// CPU seconds (user and system) process `pid` has used so far, from `/proc/PID/stat`.
 pub fn process_cpu_s(pid: u32) -> Result<f64, String> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let ticks = process_ticks(&text).ok_or_else(|| format!("{path} has no readable CPU times"))?;
-    Ok(ticks as f64 / clock_ticks_per_s())
+    Ok(task_cpu_ticks(&format!("/proc/{pid}/stat"))? as f64 / clock_ticks_per_s())
+}
+
+/// CPU time (user and system) of the process or thread whose `stat` file `path` is
+/// (`/proc/PID/stat`, `/proc/self/task/TID/stat`), in clock ticks.
+pub fn task_cpu_ticks(path: &str) -> Result<u64, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    process_ticks(&text).ok_or_else(|| format!("{path} has no readable CPU times"))
 }
 
 /// utime + stime of a `/proc/PID/stat` line, in clock ticks: fields 14 and 15, counted after

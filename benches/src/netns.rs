@@ -1,4 +1,6 @@
-//! Two "hosts" on one machine: network namespaces joined by a veth pair, shaped by TBF.
+//! Two "hosts" on one machine: network namespaces joined by a veth pair, shaped by TBF; or,
+//! with a round-trip time, by two TUN devices and a delay line between them
+//! ([`crate::delay_line`]), shaped by TBF all the same.
 //!
 //! Needs root. Everything created is named after this process (`psb-<pid>-…`), removed when the
 //! [`LinkPair`] is dropped (also on panic), and leftovers of processes that no longer exist are
@@ -10,15 +12,20 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::delay_line::{self, DelayLine};
 
 /// A shaped link between a source and a destination namespace.
 #[derive(Debug)]
 pub struct LinkPair {
     src_ns: String,
     dst_ns: String,
-    /// The veth ends, in their namespaces.
+    /// The link's ends, in their namespaces (veth ends, or TUN devices behind a delay line).
     src_if: String,
     dst_if: String,
+    /// The delay line between the TUN devices, when the link has a round-trip time.
+    delay: Option<DelayLine>,
     /// Address of the source end.
     pub src_addr: Ipv4Addr,
     /// Address of the destination end.
@@ -68,6 +75,12 @@ pub fn have_root() -> bool {
 impl LinkPair {
     /// Creates the pair with `rate` (a `tc` rate such as `1gbit`) in each direction.
     pub fn create(rate: &str, burst_bytes: u64) -> Result<Self, String> {
+        Self::create_with_rtt(rate, burst_bytes, Duration::ZERO)
+    }
+
+    /// Creates the pair with `rate` in each direction and a round-trip time of `rtt` (half of
+    /// it each way; zero: a plain veth pair).
+    pub fn create_with_rtt(rate: &str, burst_bytes: u64, rtt: Duration) -> Result<Self, String> {
         if !have_root() {
             return Err(
                 "emulating a link needs root (it creates network namespaces); run as root, or use --link unlimited"
@@ -85,13 +98,14 @@ impl LinkPair {
         // Several pairs of one process (tests run in parallel) need names of their own.
         static PAIRS: AtomicU32 = AtomicU32::new(0);
         let n = PAIRS.fetch_add(1, Ordering::Relaxed);
-        let pair = LinkPair {
+        let mut pair = LinkPair {
             src_ns: format!("psb-{pid}-{n}-src"),
             dst_ns: format!("psb-{pid}-{n}-dst"),
             src_if: format!("psb{pid}-{n}s"),
             dst_if: format!("psb{pid}-{n}d"),
             src_addr: Ipv4Addr::new(10, 251, subnet, 1),
             dst_addr: Ipv4Addr::new(10, 251, subnet, 2),
+            delay: None,
         };
         // From here on, Drop removes whatever was created, even if a step below fails.
         let (s, d) = (&pair.src_ns, &pair.dst_ns);
@@ -100,22 +114,46 @@ impl LinkPair {
         let tbf = format!("root tbf rate {rate} burst {burst_bytes}b latency 10ms");
         // Every argument is free of whitespace (names generated above, a checked rate), so each
         // step can be written as one line.
-        let steps = [
-            format!("ip netns add {s}"),
-            format!("ip netns add {d}"),
-            format!("ip link add {src_if} netns {s} type veth peer name {dst_if} netns {d}"),
-            format!("ip -n {s} addr add {src_addr}/24 dev {src_if}"),
-            format!("ip -n {d} addr add {dst_addr}/24 dev {dst_if}"),
+        let run_all = |steps: &[String]| -> Result<(), String> {
+            for step in steps {
+                let args: Vec<&str> = step.split_whitespace().collect();
+                run(&args)?;
+            }
+            Ok(())
+        };
+        run_all(&[format!("ip netns add {s}"), format!("ip netns add {d}")])?;
+        let tuns = if rtt.is_zero() {
+            run_all(&[
+                format!("ip link add {src_if} netns {s} type veth peer name {dst_if} netns {d}"),
+                format!("ip -n {s} addr add {src_addr}/24 dev {src_if}"),
+                format!("ip -n {d} addr add {dst_addr}/24 dev {dst_if}"),
+            ])?;
+            None
+        } else {
+            let tuns = DelayLine::open(s, src_if, d, dst_if)
+                .map_err(|e| format!("cannot create the delay line's TUN devices: {e}"))?;
+            let mtu = delay_line::MTU;
+            run_all(&[
+                format!("ip -n {s} addr add {src_addr} peer {dst_addr} dev {src_if}"),
+                format!("ip -n {d} addr add {dst_addr} peer {src_addr} dev {dst_if}"),
+                format!("ip -n {s} link set {src_if} mtu {mtu}"),
+                format!("ip -n {d} link set {dst_if} mtu {mtu}"),
+            ])?;
+            Some(tuns)
+        };
+        run_all(&[
             format!("ip -n {s} link set {src_if} up"),
             format!("ip -n {d} link set {dst_if} up"),
             format!("ip -n {s} link set lo up"),
             format!("ip -n {d} link set lo up"),
             format!("ip netns exec {s} tc qdisc add dev {src_if} {tbf}"),
             format!("ip netns exec {d} tc qdisc add dev {dst_if} {tbf}"),
-        ];
-        for step in &steps {
-            let args: Vec<&str> = step.split_whitespace().collect();
-            run(&args)?;
+        ])?;
+        if let Some((a, b)) = tuns {
+            pair.delay = Some(
+                DelayLine::start(a, b, rtt / 2)
+                    .map_err(|e| format!("cannot start the delay line: {e}"))?,
+            );
         }
         Ok(pair)
     }
@@ -160,6 +198,12 @@ impl LinkPair {
             .map_err(|_| "cannot read link counters".to_string())
     }
 
+    /// CPU seconds the delay line has used so far (zero without one): the link's emulation,
+    /// which is no part of what runs over it.
+    pub fn emulation_cpu_s(&self) -> f64 {
+        self.delay.as_ref().map_or(0.0, DelayLine::cpu_s)
+    }
+
     /// Moves the calling thread into the source namespace (threads it starts inherit it).
     pub fn enter_src(&self) -> io::Result<()> {
         enter(&self.src_ns)
@@ -171,7 +215,7 @@ impl LinkPair {
     }
 }
 
-fn enter(ns: &str) -> io::Result<()> {
+pub(crate) fn enter(ns: &str) -> io::Result<()> {
     let file = File::open(format!("/var/run/netns/{ns}"))?;
     // SAFETY: `file` is an open namespace file for the duration of the call; setns only changes
     // the calling thread's network namespace.
@@ -184,8 +228,86 @@ fn enter(ns: &str) -> io::Result<()> {
 
 impl Drop for LinkPair {
     fn drop(&mut self) {
+        // The TUN devices go with the delay line's descriptors.
+        drop(self.delay.take());
         // Deleting a namespace removes the veth end in it, and with it the pair.
         let _ = run(&["ip", "netns", "del", &self.src_ns]);
         let _ = run(&["ip", "netns", "del", &self.dst_ns]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    fn namespaces() -> String {
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn a_link_with_a_round_trip_time_delays_both_ways_and_goes_away() {
+        let rtt = Duration::from_millis(60);
+        let pair = LinkPair::create_with_rtt("100mbit", 64 << 10, rtt)
+            .expect("two network namespaces and a delay line (needs root)");
+        let (src_ns, dst_addr) = (pair.src_ns().to_string(), pair.dst_addr);
+        let listener = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    pair.enter_dst().expect("enter the destination namespace");
+                    TcpListener::bind((dst_addr, 0)).expect("listen on the destination end")
+                })
+                .join()
+                .expect("listener thread")
+        });
+        let port = listener.local_addr().expect("address").port();
+        let echo = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut byte = [0u8; 1];
+            conn.read_exact(&mut byte).expect("read the byte");
+            conn.write_all(&byte).expect("send it back");
+        });
+        let (handshake, round_trip) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    pair.enter_src().expect("enter the source namespace");
+                    let start = Instant::now();
+                    let mut conn = TcpStream::connect((dst_addr, port)).expect("connect");
+                    // connect returns on the SYN-ACK: one round trip.
+                    let handshake = start.elapsed();
+                    let start = Instant::now();
+                    conn.write_all(&[7]).expect("send a byte");
+                    let mut byte = [0u8; 1];
+                    conn.read_exact(&mut byte).expect("read it back");
+                    assert_eq!(byte, [7]);
+                    (handshake, start.elapsed())
+                })
+                .join()
+                .expect("client thread")
+        });
+        echo.join().expect("echo thread");
+        assert!(
+            handshake >= rtt,
+            "the handshake took {handshake:?}, under {rtt:?}"
+        );
+        assert!(
+            round_trip >= rtt,
+            "a byte came back in {round_trip:?}, under {rtt:?}"
+        );
+        assert!(
+            pair.src_tx_bytes().expect("the source end's counter") > 0,
+            "the source end counts what it sends"
+        );
+        drop(pair);
+        assert!(
+            !namespaces().contains(&src_ns),
+            "the namespaces are removed with the pair"
+        );
     }
 }

@@ -120,6 +120,8 @@ impl Method {
 pub struct QemuBenchConfig {
     /// The emulated link (a rate: the methods must share a real link).
     pub link: Link,
+    /// The link's round-trip time (zero: as two hosts on one switch).
+    pub rtt: Duration,
     /// Guest memory.
     pub memory_mib: u32,
     /// Memory the workload fills.
@@ -196,7 +198,8 @@ pub struct ProcessCpu {
     pub source_qemu_s: f64,
     /// The destination QEMU.
     pub destination_qemu_s: f64,
-    /// Both shims (they run in the bench's own process; null for QEMU's own methods).
+    /// Both shims (they run in the bench's own process, less the link's delay line; null for
+    /// QEMU's own methods).
     pub shims_s: Option<f64>,
 }
 
@@ -207,6 +210,8 @@ pub struct QemuBenchReport {
     pub link: String,
     /// Its rate, MB/s.
     pub link_mb_s: Option<f64>,
+    /// Its round-trip time, milliseconds.
+    pub rtt_ms: f64,
     /// Guest memory, MiB.
     pub memory_mib: u32,
     /// Filled memory, MiB.
@@ -550,7 +555,7 @@ fn run_method(
     let processes_before = (
         process_cpu_s(src.pid())?,
         process_cpu_s(dst.pid())?,
-        process_cpu_s(me)?,
+        process_cpu_s(me)? - pair.emulation_cpu_s(),
     );
     src.migrate(&outgoing).map_err(err)?;
     let started = Instant::now();
@@ -579,7 +584,10 @@ fn run_method(
     let cpu = CpuTimes::read()?.since(&cpu_before, clock_ticks_per_s());
     // Read while both QEMUs still run (a destination that failed may be gone: no figure).
     let cpu_by_process = process_cpu_s(src.pid())
-        .and_then(|s| Ok((s, process_cpu_s(dst.pid())?, process_cpu_s(me)?)))
+        .and_then(|s| {
+            let me = process_cpu_s(me)? - pair.emulation_cpu_s();
+            Ok((s, process_cpu_s(dst.pid())?, me))
+        })
         .ok()
         .map(|(source, destination, shims)| ProcessCpu {
             source_qemu_s: source - processes_before.0,
@@ -689,7 +697,7 @@ pub fn run(
         }
     };
     progress("setting up the link");
-    let pair = LinkPair::create(&tc_rate, (bits / 8 / 250).max(64 << 10))?;
+    let pair = LinkPair::create_with_rtt(&tc_rate, (bits / 8 / 250).max(64 << 10), config.rtt)?;
     let dir = std::env::temp_dir().join(format!("ps-bench-qemu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut results = Vec::new();
@@ -725,6 +733,7 @@ pub fn run(
     Ok(QemuBenchReport {
         link: tc_rate,
         link_mb_s: Some(bits as f64 / 8e6),
+        rtt_ms: config.rtt.as_secs_f64() * 1e3,
         memory_mib: config.memory_mib,
         fill_mib: config.fill_mib,
         dirty_rate: config.dirty_rate,

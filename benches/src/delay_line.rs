@@ -1,0 +1,226 @@
+//! A round-trip time for the emulated link: a delay line between two TUN devices.
+//!
+//! The development machines' kernel has TBF but no netem, so nothing in the kernel can hold a
+//! packet back for a while. With a round-trip time asked for, [`crate::netns::LinkPair`] joins
+//! its namespaces with a TUN device in each instead of a veth pair, and the delay line carries
+//! every packet the kernel hands one device to the other after a fixed one-way delay, in both
+//! directions. TCP then sees a real path: its congestion window, its acknowledgements and every
+//! socket buffer must cover the bandwidth-delay product, as between two sites. The shaping
+//! stays the kernel's (TBF on each device, in front of the delay line).
+//!
+//! The devices carry up to [`MTU`] bytes per packet, as a veth pair's segmentation offload does,
+//! so that the delay line handles a few thousand packets per second at 1 Gbit/s rather than a
+//! hundred thousand: on two CPUs it must not take CPU from what it measures. Its threads'
+//! CPU time is known ([`DelayLine::cpu_s`]), so a benchmark can leave it out of its own.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::machine::{clock_ticks_per_s, task_cpu_ticks};
+
+/// Packet size of the delay line's devices (the largest IPv4 packet, less a margin).
+pub const MTU: usize = 65_000;
+/// How often a blocked thread looks whether the line is being taken down.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Opens TUN device `name` in namespace `ns` (created there, and gone once the descriptor
+/// closes). A thread of its own enters the namespace, so the caller's stays as it was.
+fn open_tun(ns: &str, name: &str) -> io::Result<File> {
+    let (ns, name) = (ns.to_string(), name.to_string());
+    std::thread::spawn(move || -> io::Result<File> {
+        crate::netns::enter(&ns)?;
+        let tun = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        let mut request = [0u8; 40]; // struct ifreq: the name, then the flags
+        let bytes = name.as_bytes();
+        if bytes.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::other(format!(
+                "interface name {name:?} is too long"
+            )));
+        }
+        request[..bytes.len()].copy_from_slice(bytes);
+        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        request[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: `tun` is an open descriptor and `request` a struct ifreq-sized buffer that
+        // outlives the call, as TUNSETIFF expects.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, request.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(tun)
+    })
+    .join()
+    .map_err(|_| io::Error::other("the thread opening a TUN device panicked"))?
+}
+
+/// Waits until `file` has something to read, the line is taken down, or [`POLL`] passes.
+fn readable(file: &File) -> io::Result<bool> {
+    let mut fd = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut fd, 1, POLL.as_millis() as libc::c_int) };
+    match rc {
+        0 => Ok(false),
+        1.. => Ok(true),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The calling thread's id, whose CPU time `/proc/self/task/<id>/stat` gives.
+fn thread_id() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// A running delay line; dropping it stops it (and with its descriptors, both devices go).
+pub struct DelayLine {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    tids: Arc<Mutex<Vec<libc::pid_t>>>,
+}
+
+impl std::fmt::Debug for DelayLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DelayLine").finish_non_exhaustive()
+    }
+}
+
+impl DelayLine {
+    /// Creates TUN device `a_if` in namespace `a_ns` and `b_if` in `b_ns`. They exist once this
+    /// returns; [`DelayLine::start`] then carries packets between them, `one_way` late.
+    pub fn open(a_ns: &str, a_if: &str, b_ns: &str, b_if: &str) -> io::Result<(File, File)> {
+        Ok((open_tun(a_ns, a_if)?, open_tun(b_ns, b_if)?))
+    }
+
+    /// Carries every packet of `a` to `b` and of `b` to `a`, `one_way` after it was sent.
+    pub fn start(a: File, b: File, one_way: Duration) -> io::Result<DelayLine> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
+            let (tx, rx) = channel();
+            let (stop_in, tids_in) = (stop.clone(), tids.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("ps-delay-in".into())
+                    .spawn(move || {
+                        tids_in.lock().expect("not poisoned").push(thread_id());
+                        take_in(from, &tx, one_way, &stop_in);
+                    })?,
+            );
+            let (stop_out, tids_out) = (stop.clone(), tids.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("ps-delay-out".into())
+                    .spawn(move || {
+                        tids_out.lock().expect("not poisoned").push(thread_id());
+                        give_out(to, &rx, &stop_out);
+                    })?,
+            );
+        }
+        Ok(DelayLine {
+            stop,
+            threads,
+            tids,
+        })
+    }
+
+    /// CPU seconds the delay line's threads have used so far.
+    pub fn cpu_s(&self) -> f64 {
+        let ticks: u64 = self
+            .tids
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter_map(|&tid| task_cpu_ticks(&format!("/proc/self/task/{tid}/stat")).ok())
+            .sum();
+        ticks as f64 / clock_ticks_per_s()
+    }
+}
+
+/// Reads packets from `from` and queues each with the moment it is due at the other end.
+fn take_in(mut from: File, due: &Sender<(Instant, Vec<u8>)>, one_way: Duration, stop: &AtomicBool) {
+    let mut buf = vec![0u8; MTU + 64];
+    while !stop.load(Ordering::Relaxed) {
+        match readable(&from) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(_) => return,
+        }
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if due
+                    .send((Instant::now() + one_way, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes each queued packet to `to` once it is due. The delay is the same for every packet,
+/// so they are due in the order they came.
+fn give_out(mut to: File, due: &Receiver<(Instant, Vec<u8>)>, stop: &AtomicBool) {
+    let mut waiting: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Some((when, _)) = waiting.front() else {
+            match due.recv_timeout(POLL) {
+                Ok(packet) => waiting.push_back(packet),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            continue;
+        };
+        let now = Instant::now();
+        if *when > now {
+            // Take in what arrived meanwhile, without sleeping past the first one's moment.
+            match due.recv_timeout((*when - now).min(POLL)) {
+                Ok(packet) => waiting.push_back(packet),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            continue;
+        }
+        let (_, packet) = waiting.pop_front().expect("a packet is waiting");
+        // A packet the device refuses (it went down) is lost, as on a wire.
+        if let Err(e) = to.write(&packet)
+            && e.kind() != io::ErrorKind::Interrupted
+            && e.raw_os_error() != Some(libc::EIO)
+        {
+            return;
+        }
+    }
+}
+
+impl Drop for DelayLine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
