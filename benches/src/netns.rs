@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::delay_line::{self, DelayLine};
+use crate::delay_line::DelayLine;
 
 /// A shaped link between a source and a destination namespace.
 #[derive(Debug)]
@@ -132,12 +132,9 @@ impl LinkPair {
         } else {
             let tuns = DelayLine::open(s, src_if, d, dst_if)
                 .map_err(|e| format!("cannot create the delay line's TUN devices: {e}"))?;
-            let mtu = delay_line::MTU;
             run_all(&[
                 format!("ip -n {s} addr add {src_addr} peer {dst_addr} dev {src_if}"),
                 format!("ip -n {d} addr add {dst_addr} peer {src_addr} dev {dst_if}"),
-                format!("ip -n {s} link set {src_if} mtu {mtu}"),
-                format!("ip -n {d} link set {dst_if} mtu {mtu}"),
             ])?;
             Some(tuns)
         };
