@@ -97,6 +97,19 @@ pub(crate) fn set_socket_option(
     }
 }
 
+/// Lets a socket hold at most about `bytes` not yet sent (`TCP_NOTSENT_LOWAT`: a write waits
+/// while the kernel holds that much unsent), and leaves its send buffer to the kernel's
+/// autotuning. What waits unsent on the source when QEMU stops its guest lengthens the
+/// downtime; bytes already sent and not yet acknowledged are the path's bandwidth-delay
+/// product, which the window must cover. A fixed send buffer (`SO_SNDBUF`, 256 KiB for parsing
+/// mode's page channels until the ninth session) counts both, and held each page channel to
+/// about 512 KiB per round trip: at 10 ms, under 50 MB/s per channel (docs/benchmarks.md,
+/// `bench qemu --rtt`).
+pub(crate) fn limit_unsent(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).map_err(io::Error::other)?;
+    set_socket_option(stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, value)
+}
+
 /// Makes the kernel give up a link whose other end stops answering, after about `timeout`,
 /// so that a silent network partition (no reset ever arrives) fails the migration instead of
 /// leaving both shims and both QEMUs waiting for ever.
@@ -703,6 +716,42 @@ fn zstd_decompress(
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
+
+    fn socket_option(stream: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is the open socket `stream` borrows; the kernel writes at most
+        // `len` bytes into `value`, which lives across the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&mut value as *mut libc::c_int).cast::<libc::c_void>(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
+        value
+    }
+
+    #[test]
+    fn a_link_holds_little_unsent_and_leaves_its_window_to_the_kernel() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+        let stream = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let kernels = socket_option(&stream, libc::SOL_SOCKET, libc::SO_SNDBUF);
+        limit_unsent(&stream, 128 << 10).expect("set the option");
+        assert_eq!(
+            socket_option(&stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+            128 << 10
+        );
+        // A send buffer set by hand would cap the bytes in flight, and with them the window.
+        assert_eq!(
+            socket_option(&stream, libc::SOL_SOCKET, libc::SO_SNDBUF),
+            kernels,
+            "the send buffer stays the kernel's to size"
+        );
+    }
 
     fn key(byte: u8) -> Key {
         Key(vec![byte; 32])

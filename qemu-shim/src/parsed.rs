@@ -108,7 +108,7 @@ const INFLIGHT_BYTES: usize = 4 << 20;
 /// See [`INFLIGHT_BYTES`].
 const FRAME_BYTES: u32 = 64 << 10;
 /// The bytes a page channel's socket may hold not yet sent (see [`INFLIGHT_BYTES`] and
-/// [`limit_unsent`]).
+/// [`link::limit_unsent`]).
 const UNSENT_BYTES: usize = 128 << 10;
 /// How long a destination QEMU with multifd may take to start reading its main channel once
 /// the shim opened all its channels.
@@ -129,18 +129,6 @@ pub(crate) enum SourceOutcome {
     Opaque { read: Vec<u8>, why: String },
 }
 
-/// Lets a socket hold at most about `bytes` not yet sent (`TCP_NOTSENT_LOWAT`: a write waits
-/// while the kernel holds that much unsent), and leaves its send buffer to the kernel's
-/// autotuning. What waits unsent on the source when QEMU stops its guest lengthens the
-/// downtime; bytes already sent and not yet acknowledged are the path's bandwidth-delay
-/// product, which the window must cover. A fixed send buffer (`SO_SNDBUF`, 256 KiB here until
-/// the ninth session) counts both, and held each page channel to about 512 KiB per round trip:
-/// at 10 ms, under 50 MB/s per channel (docs/benchmarks.md, `bench qemu --rtt`).
-fn limit_unsent(stream: &TcpStream, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).map_err(io::Error::other)?;
-    link::set_socket_option(stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, value)
-}
-
 /// Runs the shims' keyed handshake on a new connection of a parsing-mode session; the
 /// connection is given up once the other shim stops answering for `timeout`.
 fn authenticate(
@@ -152,7 +140,7 @@ fn authenticate(
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     if kind == StreamKind::Pages {
-        limit_unsent(stream, UNSENT_BYTES)?;
+        link::limit_unsent(stream, UNSENT_BYTES)?;
     }
     link::watch_liveness(stream, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
@@ -1416,45 +1404,8 @@ pub(crate) fn destination_return_path(
 #[cfg(test)]
 mod tests {
     use std::ops::Range;
-    use std::os::fd::AsRawFd;
 
     use super::*;
-
-    fn socket_option(stream: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the descriptor is the open socket `stream` borrows; the kernel writes at most
-        // `len` bytes into `value`, which lives across the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                level,
-                name,
-                (&mut value as *mut libc::c_int).cast::<libc::c_void>(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
-        value
-    }
-
-    #[test]
-    fn a_page_channel_holds_little_unsent_and_leaves_its_window_to_the_kernel() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
-        let stream = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
-        let kernels = socket_option(&stream, libc::SOL_SOCKET, libc::SO_SNDBUF);
-        limit_unsent(&stream, UNSENT_BYTES).expect("set the option");
-        assert_eq!(
-            socket_option(&stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
-            UNSENT_BYTES as libc::c_int
-        );
-        // A send buffer set by hand would cap the bytes in flight, and with them the window.
-        assert_eq!(
-            socket_option(&stream, libc::SOL_SOCKET, libc::SO_SNDBUF),
-            kernels,
-            "the send buffer stays the kernel's to size"
-        );
-    }
 
     fn addr(index: u64) -> PageAddr {
         PageAddr::new(0, index)
