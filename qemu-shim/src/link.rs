@@ -110,6 +110,31 @@ pub(crate) fn limit_unsent(stream: &TcpStream, bytes: usize) -> io::Result<()> {
     set_socket_option(stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, value)
 }
 
+/// Gives a socket a receive buffer of `bytes` (the kernel doubles it for its bookkeeping)
+/// instead of the kernel's autotuning, which keeps growing it on a path with a round trip when
+/// the application reads slower than the link delivers. Returns whether it could.
+///
+/// A plain `SO_RCVBUF` is clamped to `net.core.rmem_max`, 208 KiB on a stock Debian host: a
+/// window that small would hold a link to a fraction of its rate at any round trip, worse than
+/// the autotuning. So the size is forced (`SO_RCVBUFFORCE`, for a shim with `CAP_NET_ADMIN`),
+/// or asked for where the host allows it, or else the autotuning stays.
+pub(crate) fn limit_receive_buffer(stream: &TcpStream, bytes: usize) -> io::Result<bool> {
+    let value = libc::c_int::try_from(bytes).map_err(io::Error::other)?;
+    match set_socket_option(stream, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value) {
+        Ok(()) => return Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        Err(e) => return Err(e),
+    }
+    let allowed = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok());
+    if allowed.is_some_and(|max| max >= bytes) {
+        set_socket_option(stream, libc::SOL_SOCKET, libc::SO_RCVBUF, value)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// Makes the kernel give up a link whose other end stops answering, after about `timeout`,
 /// so that a silent network partition (no reset ever arrives) fails the migration instead of
 /// leaving both shims and both QEMUs waiting for ever.
@@ -750,6 +775,19 @@ mod tests {
             socket_option(&stream, libc::SOL_SOCKET, libc::SO_SNDBUF),
             kernels,
             "the send buffer stays the kernel's to size"
+        );
+    }
+
+    #[test]
+    fn a_link_receive_buffer_is_the_size_asked_for() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+        let stream = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        // Tests run as root (CAP_NET_ADMIN), so the size is forced whatever rmem_max says.
+        assert!(limit_receive_buffer(&stream, 2 << 20).expect("set the option"));
+        // The kernel reports the doubled size it keeps.
+        assert_eq!(
+            socket_option(&stream, libc::SOL_SOCKET, libc::SO_RCVBUF),
+            4 << 20
         );
     }
 

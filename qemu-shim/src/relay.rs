@@ -91,6 +91,19 @@ pub(crate) const QEMU_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// mode's downtime 97-309 ms (median 252) before, 92-234 ms (median 120) with 256 KiB, at
 /// 3.15-4.69 s (median 3.90) against 3.27-4.13 s (3.63).
 const OPAQUE_UNSENT_BYTES: usize = 256 << 10;
+/// The receive buffer of every link the destination shim accepts
+/// ([`link::limit_receive_buffer`]). The kernel sizes a receive buffer from the pace at which
+/// the application reads in one round trip, and never shrinks it: over a path with a round
+/// trip, a destination slower than the link (its QEMU writing fresh memory on CPUs the shims
+/// share) left tens of megabytes waiting in its sockets, which the source QEMU took for
+/// bytes delivered. Measured with `bench qemu --rtt 10` at 1 Gbit/s (`ss` every 50 ms): up
+/// to 30 MB waiting in the destination's page channels, and in 2 of 40 runs a downtime of
+/// 2.2-2.8 s against the source QEMU's own 120 ms, the time the destination took to drain
+/// them; with 2 MiB (the kernel doubles it, and advertises most of that as the window), at
+/// most 5.8 MB waited, downtimes 105-122 ms, total times unchanged (4.68-4.73 s against
+/// 4.08-4.86 s). A window of a few megabytes still covers 1 Gbit/s up to a round trip of about
+/// 25 ms per link; parsing mode's `--channels` multiplies it.
+const LINK_RECEIVE_BUFFER: usize = 2 << 20;
 
 /// A connection to or from QEMU.
 #[derive(Debug)]
@@ -1407,11 +1420,20 @@ pub fn run_destination_on(
             let peer = link.peer_addr().ok();
             let trusted =
                 config.allow_remote_without_key || peer.is_some_and(|p| p.ip().is_loopback());
-            if let Err(e) = link::watch_liveness(&link, config.link_timeout) {
-                (config.log)(&format!(
-                    "destination shim: cannot watch a link's liveness: {e}"
-                ));
-                return;
+            match link::watch_liveness(&link, config.link_timeout)
+                .and_then(|()| link::limit_receive_buffer(&link, LINK_RECEIVE_BUFFER))
+            {
+                Ok(true) => {}
+                Ok(false) => (config.log)(&format!(
+                    "destination shim: a link's receive buffer stays the kernel's to size                      (net.core.rmem_max is under {} KiB and the shim lacks CAP_NET_ADMIN): over                      a long path the source QEMU may then switch over early, with a longer                      downtime",
+                    LINK_RECEIVE_BUFFER >> 10
+                )),
+                Err(e) => {
+                    (config.log)(&format!(
+                        "destination shim: cannot set up a link's socket: {e}"
+                    ));
+                    return;
+                }
             }
             let _ = link.set_read_timeout(Some(config.link_timeout));
             // One migration at a time: this shim feeds one QEMU, which takes one incoming
