@@ -131,35 +131,33 @@ impl DelayLine {
 
     /// Carries every packet of `a` to `b` and of `b` to `a`, `one_way` after it was sent.
     pub fn start(a: File, b: File, one_way: Duration) -> io::Result<DelayLine> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tids = Arc::new(Mutex::new(Vec::new()));
-        let mut threads = Vec::new();
+        // Built first, so that a thread that cannot start stops those that did (on drop).
+        let mut line = DelayLine {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            tids: Arc::new(Mutex::new(Vec::new())),
+        };
         for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
             let (tx, rx) = channel();
-            let (stop_in, tids_in) = (stop.clone(), tids.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name("ps-delay-in".into())
-                    .spawn(move || {
-                        tids_in.lock().expect("not poisoned").push(thread_id());
-                        take_in(from, &tx, one_way, &stop_in);
-                    })?,
-            );
-            let (stop_out, tids_out) = (stop.clone(), tids.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name("ps-delay-out".into())
-                    .spawn(move || {
-                        tids_out.lock().expect("not poisoned").push(thread_id());
-                        give_out(to, &rx, &stop_out);
-                    })?,
-            );
+            let stop = line.stop.clone();
+            line.spawn("ps-delay-in", move || take_in(from, &tx, one_way, &stop))?;
+            let stop = line.stop.clone();
+            line.spawn("ps-delay-out", move || give_out(to, &rx, &stop))?;
         }
-        Ok(DelayLine {
-            stop,
-            threads,
-            tids,
-        })
+        Ok(line)
+    }
+
+    /// Starts one of the line's threads, which records its id for [`DelayLine::cpu_s`] first.
+    fn spawn(&mut self, name: &str, work: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        let tids = self.tids.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                tids.lock().expect("not poisoned").push(thread_id());
+                work();
+            })?;
+        self.threads.push(thread);
+        Ok(())
     }
 
     /// CPU seconds the delay line's threads have used so far.
