@@ -203,18 +203,13 @@ fn take_in(mut from: File, due: &Sender<(Instant, Vec<u8>)>, one_way: Duration, 
 fn give_out(mut to: File, due: &Receiver<(Instant, Vec<u8>)>, stop: &AtomicBool) {
     let mut waiting: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
-        let Some((when, _)) = waiting.front() else {
-            match due.recv_timeout(POLL) {
-                Ok(packet) => waiting.push_back(packet),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            continue;
-        };
         let now = Instant::now();
-        if *when > now {
-            // Take in what arrived meanwhile, without sleeping past the first one's moment.
-            match due.recv_timeout((*when - now).min(POLL)) {
+        let until_due = waiting
+            .front()
+            .map(|(when, _)| when.saturating_duration_since(now));
+        if until_due.is_none_or(|wait| !wait.is_zero()) {
+            // Take in what arrives meanwhile, without sleeping past the first one's moment.
+            match due.recv_timeout(until_due.map_or(POLL, |wait| wait.min(POLL))) {
                 Ok(packet) => waiting.push_back(packet),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
