@@ -692,6 +692,12 @@ impl Session {
 
 /// Prints a progress line every second while the session runs.
 pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
+    // The stream's raw bytes come from QEMU at the source and go to QEMU at the destination.
+    let qemu = if side == "destination" {
+        "to QEMU"
+    } else {
+        "from QEMU"
+    };
     std::thread::spawn(move || {
         let mut last = 0;
         loop {
@@ -702,7 +708,7 @@ pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
             let raw = session.forward_raw.load(Ordering::Relaxed);
             let wire = session.forward_wire.load(Ordering::Relaxed);
             log(&format!(
-                "{side} {}: {:.1} MiB from QEMU, {:.1} MiB on the wire ({:.2}x), {:.1} MB/s",
+                "{side} {}: {:.1} MiB {qemu}, {:.1} MiB on the wire ({:.2}x), {:.1} MB/s",
                 session.hex(),
                 raw as f64 / (1 << 20) as f64,
                 wire as f64 / (1 << 20) as f64,
