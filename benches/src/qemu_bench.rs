@@ -443,6 +443,8 @@ fn run_method(
         prealloc: false,
         qemu: config.qemu.clone(),
         machine: None,
+        cpus: 1,
+        devices: Vec::new(),
     };
     let mut dst_cfg = vm_config("dst", (!shim).then(|| pair.dst_ns()));
     dst_cfg.incoming = Some("defer".into());

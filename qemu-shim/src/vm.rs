@@ -139,6 +139,11 @@ pub struct VmConfig {
     /// The machine type (`-machine`); QEMU's default (`pc`, its newest i440FX type) without.
     /// A VM migrating to a newer QEMU runs there with the machine type of the older one.
     pub machine: Option<String>,
+    /// Virtual CPUs (`-smp`).
+    pub cpus: u32,
+    /// Further devices, as QEMU arguments (`-device ...`, `-drive ...`, `-netdev ...`): the
+    /// test guest has no NIC and no disk without them. A destination needs the source's.
+    pub devices: Vec<String>,
 }
 
 /// A running QEMU.
@@ -184,34 +189,28 @@ impl QemuVm {
             None => Command::new(config.qemu.program()),
         };
         config.qemu.configure(&mut cmd);
-        cmd.args([
-            "-accel",
-            "tcg,thread=multi",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .args(["-m", &format!("{}k", ram_bytes(config.memory_mib) >> 10)])
-        .arg("-kernel")
-        .arg(&guest.kernel)
-        .arg("-initrd")
-        .arg(&guest.initrd)
-        .args([
-            "-append",
-            &format!(
-                "console=ttyS0 quiet panic=-1 pagestream.fill={} pagestream.rate={}",
-                config.fill_mib, config.dirty_rate
-            ),
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .args(["-monitor", "none", "-nic", "none"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.args(["-accel", "tcg,thread=multi", "-nographic", "-no-reboot"])
+            .args(["-smp", &config.cpus.to_string()])
+            .args(["-m", &format!("{}k", ram_bytes(config.memory_mib) >> 10)])
+            .arg("-kernel")
+            .arg(&guest.kernel)
+            .arg("-initrd")
+            .arg(&guest.initrd)
+            .args([
+                "-append",
+                &format!(
+                    "console=ttyS0 quiet panic=-1 pagestream.fill={} pagestream.rate={}",
+                    config.fill_mib, config.dirty_rate
+                ),
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .args(["-monitor", "none", "-nic", "none"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         if let Some(uri) = &config.incoming {
             cmd.args(["-incoming", uri]);
         }
@@ -224,6 +223,7 @@ impl QemuVm {
         if let Some(machine) = &config.machine {
             cmd.args(["-machine", machine]);
         }
+        cmd.args(&config.devices);
         let child = cmd.spawn().map_err(VmError::Start)?;
         let qmp = Qmp::connect(&qmp_path, Duration::from_secs(20))?;
         Ok(QemuVm {

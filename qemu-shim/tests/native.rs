@@ -34,6 +34,8 @@ fn native_migration_gives_identical_memory() {
         prealloc: false,
         qemu: QemuBuild::System,
         machine: None,
+        cpus: 1,
+        devices: Vec::new(),
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))
@@ -82,6 +84,8 @@ fn preallocated_memory_is_resident_before_the_migration() {
             prealloc,
             qemu: QemuBuild::System,
             machine: None,
+            cpus: 1,
+            devices: Vec::new(),
         };
         let vm = QemuVm::start(&guest, &config).unwrap();
         vm.resident_bytes().unwrap()

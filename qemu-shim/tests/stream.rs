@@ -84,6 +84,8 @@ fn a_real_stream_parsed_and_rebuilt_loads_bit_identical() {
         prealloc: false,
         qemu: QemuBuild::System,
         machine: None,
+        cpus: 1,
+        devices: Vec::new(),
     };
     let mut src = QemuVm::start(&guest, &config("src", None)).unwrap();
     src.wait_console("pagestream-workload tick", 2, Duration::from_secs(60))
