@@ -22,13 +22,13 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct QemuArgs {
-    /// The emulated link, e.g. 1gbit (needs root: two network namespaces and a shaped veth pair,
-    /// removed afterwards).
+    /// The emulated link, e.g. 1gbit (needs root: two network namespaces joined through a third
+    /// one, a switch whose ports shape the link; removed afterwards).
     #[arg(long, default_value = "1gbit")]
     link: String,
     /// The link's round-trip time, milliseconds (0 to 1000): with it, the namespaces are joined
-    /// by TUN devices and a delay line in this process instead of a veth pair, as two hosts a
-    /// distance apart. 0: a veth pair, as two hosts on one switch.
+    /// by TUN devices and a delay line in this process instead of the switch, as two hosts a
+    /// distance apart. 0: two hosts on one switch.
     #[arg(long, default_value_t = 0)]
     rtt: u32,
     /// Guest memory, MiB.
@@ -88,7 +88,8 @@ pub struct TransportArgs {
     #[arg(long)]
     channels: Option<u16>,
     /// The link: unlimited (loopback), or a rate such as 1gbit, 10gbit, 500mbit (needs root:
-    /// two network namespaces joined by a shaped veth pair, removed afterwards).
+    /// two network namespaces joined through a third one, a switch whose ports shape the link;
+    /// removed afterwards).
     #[arg(long, default_value = "unlimited")]
     link: String,
     /// Runs of each side; figures are medians.

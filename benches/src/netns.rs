@@ -1,6 +1,14 @@
-//! Two "hosts" on one machine: network namespaces joined by a veth pair, shaped by TBF; or,
-//! with a round-trip time, by two TUN devices and a delay line between them
-//! ([`crate::delay_line`]), shaped by TBF all the same.
+//! Two "hosts" on one machine: network namespaces joined through a switch, a third namespace
+//! holding a bridge whose two ports shape each direction with TBF; or, with a round-trip time,
+//! by two TUN devices and a delay line between them ([`crate::delay_line`]), shaped by TBF on
+//! the devices.
+//!
+//! The switch keeps the link's queue where a real path has it, in the network. A shaper on the
+//! sending host's own device drops the sender's packets locally when its queue is full, and
+//! TCP then holds back a connection that has nothing in flight until its zero-window probe
+//! timer fires (200 ms or more): a sender with several connections, each idle now and then
+//! (the shim's page channels, QEMU's multifd), lost 10-20% of a 100 Mbit/s link to such stalls,
+//! one with a single busy connection none.
 //!
 //! Needs root. Everything created is named after this process (`psb-<pid>-…`), removed when the
 //! [`LinkPair`] is dropped (also on panic), and leftovers of processes that no longer exist are
@@ -24,12 +32,24 @@ pub struct LinkPair {
     /// The link's ends, in their namespaces (veth ends, or TUN devices behind a delay line).
     src_if: String,
     dst_if: String,
+    /// The switch between the veth ends, when the link has no round-trip time.
+    switch: Option<Switch>,
     /// The delay line between the TUN devices, when the link has a round-trip time.
     delay: Option<DelayLine>,
     /// Address of the source end.
     pub src_addr: Ipv4Addr,
     /// Address of the destination end.
     pub dst_addr: Ipv4Addr,
+}
+
+/// The namespace between the two hosts: a bridge with one port towards each.
+#[derive(Debug)]
+struct Switch {
+    ns: String,
+    /// The port towards the source: its TBF shapes the way back.
+    to_src: String,
+    /// The port towards the destination: its TBF shapes the way there.
+    to_dst: String,
 }
 
 fn run(args: &[&str]) -> Result<(), String> {
@@ -105,6 +125,7 @@ impl LinkPair {
             dst_if: format!("psb{pid}-{n}d"),
             src_addr: Ipv4Addr::new(10, 251, subnet, 1),
             dst_addr: Ipv4Addr::new(10, 251, subnet, 2),
+            switch: None,
             delay: None,
         };
         // From here on, Drop removes whatever was created, even if a step below fails.
@@ -123,8 +144,25 @@ impl LinkPair {
         };
         run_all(&[format!("ip netns add {s}"), format!("ip netns add {d}")])?;
         let tuns = if rtt.is_zero() {
+            let switch = pair.switch.insert(Switch {
+                ns: format!("psb-{pid}-{n}-switch"),
+                to_src: format!("psb{pid}-{n}ps"),
+                to_dst: format!("psb{pid}-{n}pd"),
+            });
+            let (w, to_src, to_dst) = (&switch.ns, &switch.to_src, &switch.to_dst);
+            let bridge = format!("psb{pid}-{n}b");
+            run_all(&[format!("ip netns add {w}")])?;
             run_all(&[
-                format!("ip link add {src_if} netns {s} type veth peer name {dst_if} netns {d}"),
+                format!("ip link add {src_if} netns {s} type veth peer name {to_src} netns {w}"),
+                format!("ip link add {dst_if} netns {d} type veth peer name {to_dst} netns {w}"),
+                format!("ip -n {w} link add {bridge} type bridge"),
+                format!("ip -n {w} link set {to_src} master {bridge}"),
+                format!("ip -n {w} link set {to_dst} master {bridge}"),
+                format!("ip -n {w} link set {bridge} up"),
+                format!("ip -n {w} link set {to_src} up"),
+                format!("ip -n {w} link set {to_dst} up"),
+                format!("ip netns exec {w} tc qdisc add dev {to_dst} {tbf}"),
+                format!("ip netns exec {w} tc qdisc add dev {to_src} {tbf}"),
                 format!("ip -n {s} addr add {src_addr}/24 dev {src_if}"),
                 format!("ip -n {d} addr add {dst_addr}/24 dev {dst_if}"),
             ])?;
@@ -135,6 +173,8 @@ impl LinkPair {
             run_all(&[
                 format!("ip -n {s} addr add {src_addr} peer {dst_addr} dev {src_if}"),
                 format!("ip -n {d} addr add {dst_addr} peer {src_addr} dev {dst_if}"),
+                format!("ip netns exec {s} tc qdisc add dev {src_if} {tbf}"),
+                format!("ip netns exec {d} tc qdisc add dev {dst_if} {tbf}"),
             ])?;
             Some(tuns)
         };
@@ -143,8 +183,6 @@ impl LinkPair {
             format!("ip -n {d} link set {dst_if} up"),
             format!("ip -n {s} link set lo up"),
             format!("ip -n {d} link set lo up"),
-            format!("ip netns exec {s} tc qdisc add dev {src_if} {tbf}"),
-            format!("ip netns exec {d} tc qdisc add dev {dst_if} {tbf}"),
         ])?;
         if let Some((a, b)) = tuns {
             pair.delay = Some(
@@ -155,11 +193,19 @@ impl LinkPair {
         Ok(pair)
     }
 
+    /// The shapers, as (namespace, device): the way there first, then the way back.
+    fn shapers(&self) -> [(&str, &str); 2] {
+        match &self.switch {
+            Some(w) => [(&w.ns, &w.to_dst), (&w.ns, &w.to_src)],
+            None => [(&self.src_ns, &self.src_if), (&self.dst_ns, &self.dst_if)],
+        }
+    }
+
     /// Drops every packet both ways from now on, and tells neither end (no reset, no
     /// unreachable): a network partition, as a pulled cable or a dropping firewall makes one.
-    /// Each end's shaper becomes a token bucket smaller than any packet, which TBF drops.
+    /// Each shaper becomes a token bucket smaller than any packet, which TBF drops.
     pub fn partition(&self) -> Result<(), String> {
-        for (ns, iface) in [(&self.src_ns, &self.src_if), (&self.dst_ns, &self.dst_if)] {
+        for (ns, iface) in self.shapers() {
             run(&[
                 "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
                 "rate", "1gbit", "burst", "1", "latency", "1ms",
@@ -178,15 +224,13 @@ impl LinkPair {
         &self.dst_ns
     }
 
-    /// Bytes the source end has transmitted so far (everything that crossed the link towards the
-    /// destination, headers included).
+    /// Bytes that have crossed the link towards the destination so far, headers included: what
+    /// left its shaper (not what the source offered it, which counts packets the link dropped).
     pub fn src_tx_bytes(&self) -> Result<u64, String> {
+        let [(ns, iface), _] = self.shapers();
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.src_ns, "cat"])
-            .arg(format!(
-                "/sys/class/net/{}/statistics/tx_bytes",
-                self.src_if
-            ))
+            .args(["netns", "exec", ns, "cat"])
+            .arg(format!("/sys/class/net/{iface}/statistics/tx_bytes"))
             .output()
             .map_err(|e| format!("cannot read link counters: {e}"))?;
         String::from_utf8_lossy(&out.stdout)
@@ -227,9 +271,12 @@ impl Drop for LinkPair {
     fn drop(&mut self) {
         // The TUN devices go with the delay line's descriptors.
         drop(self.delay.take());
-        // Deleting a namespace removes the veth end in it, and with it the pair.
+        // Deleting a namespace removes the veth ends in it, and with them the pairs.
         let _ = run(&["ip", "netns", "del", &self.src_ns]);
         let _ = run(&["ip", "netns", "del", &self.dst_ns]);
+        if let Some(w) = &self.switch {
+            let _ = run(&["ip", "netns", "del", &w.ns]);
+        }
     }
 }
 
@@ -246,6 +293,90 @@ mod tests {
             .output()
             .expect("ip");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Reads `/sys/class/net/{iface}/statistics/{counter}` in namespace `ns`.
+    fn counter(ns: &str, iface: &str, counter: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "cat"])
+            .arg(format!("/sys/class/net/{iface}/statistics/{counter}"))
+            .output()
+            .expect("ip");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{iface} in {ns} has a {counter} counter"))
+    }
+
+    /// The queueing disciplines of device `iface` in namespace `ns`, as `tc` shows them.
+    fn qdiscs(ns: &str, iface: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "tc", "qdisc", "show", "dev", iface])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn a_link_through_the_switch_carries_a_connection_and_goes_away() {
+        let pair =
+            LinkPair::create("100mbit", 64 << 10).expect("three network namespaces (needs root)");
+        let switch = pair
+            .switch
+            .as_ref()
+            .expect("a link without a round trip has a switch");
+        let (switch_ns, dst_addr) = (switch.ns.clone(), pair.dst_addr);
+        let listener = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    pair.enter_dst().expect("enter the destination namespace");
+                    TcpListener::bind((dst_addr, 0)).expect("listen on the destination end")
+                })
+                .join()
+                .expect("listener thread")
+        });
+        let port = listener.local_addr().expect("address").port();
+        const BYTES: usize = 4 << 20;
+        let sink = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).expect("read to the end");
+            got.len()
+        });
+        let before = pair.src_tx_bytes().expect("the link's counter");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    pair.enter_src().expect("enter the source namespace");
+                    let mut conn = TcpStream::connect((dst_addr, port)).expect("connect");
+                    conn.write_all(&vec![7u8; BYTES]).expect("send");
+                })
+                .join()
+                .expect("client thread")
+        });
+        assert_eq!(sink.join().expect("sink thread"), BYTES);
+        let crossed = pair.src_tx_bytes().expect("the link's counter") - before;
+        assert!(
+            crossed >= BYTES as u64,
+            "the link counts what crossed it, headers included: {crossed} bytes for {BYTES}"
+        );
+        // The shapers are the switch's ports: the source's own device has none, so it never
+        // drops its host's packets itself.
+        let src_qdiscs = qdiscs(pair.src_ns(), &pair.src_if);
+        assert!(
+            !src_qdiscs.contains("tbf"),
+            "the source's device is not shaped: {src_qdiscs}"
+        );
+        assert_eq!(counter(pair.src_ns(), &pair.src_if, "tx_dropped"), 0);
+        assert!(
+            qdiscs(&switch_ns, &switch.to_dst).contains("tbf"),
+            "the switch's port towards the destination shapes the way there"
+        );
+        drop(pair);
+        assert!(
+            !namespaces().contains(&switch_ns),
+            "the namespaces are removed with the pair"
+        );
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! workload filling memory and dirtying pages at the requested rate. QEMU's `max-bandwidth` is
 //! set far above the link, so the link is the limit. Measured per method: QEMU's total time,
 //! downtime from the source's `STOP` event to the destination's `RESUME` event (both carry the
-//! host's time), the bytes that crossed the link (the veth's own counter, headers included),
-//! and whether the migration converged within the time limit.
+//! host's time), the bytes that crossed the link (the counter of the switch port towards the
+//! destination, headers included), and whether the migration converged within the time limit.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -2,8 +2,8 @@
 //! transport, against the same bytes sent raw over one plain TCP socket, on the same link, in
 //! the same run.
 //!
-//! The link is loopback, or two network namespaces joined by a veth pair whose both ends are
-//! shaped by TBF at the requested rate. Sender and receiver are threads of this process, each
+//! The link is loopback, or two network namespaces joined through a switch (a third namespace,
+//! [`crate::netns`]) whose ports are shaped by TBF at the requested rate. Sender and receiver are threads of this process, each
 //! moved into its namespace. Times run from the first connection attempt to the moment the
 //! receiving end confirms it has everything (the transport's `Complete`, the baseline's
 //! acknowledgement), so setup and tail are included.
@@ -28,7 +28,7 @@ use crate::netns::LinkPair;
 pub enum Link {
     /// Loopback, no shaping.
     Loopback,
-    /// A veth pair shaped to `bits_per_sec` (the `tc` rate text kept for the command).
+    /// A link through a switch shaped to `bits_per_sec` (the `tc` rate text kept for the command).
     Shaped {
         /// Rate as given to `tc`.
         tc_rate: String,
