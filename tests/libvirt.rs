@@ -429,7 +429,7 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         switch_to_postcopy,
         resume_after_destination_shim_dies,
     } = case;
-    let pair = LinkPair::create("1gbit", 256 << 10).expect("two network namespaces (root)");
+    let pair = LinkPair::create(1_000_000_000, 256 << 10).expect("two network namespaces (root)");
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
     let dir = &scratch.0;

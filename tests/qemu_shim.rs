@@ -1228,7 +1228,7 @@ enum Silence {
 /// for ever.
 fn silence_mid_migration(name: &str, send_args: &[&str], silence: Silence) {
     const LINK_TIMEOUT_S: u64 = 5;
-    let pair = LinkPair::create("20mbit", 64 << 10).expect("two network namespaces (root)");
+    let pair = LinkPair::create(20_000_000, 64 << 10).expect("two network namespaces (root)");
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let scratch = Scratch::new(name);
     let dir = scratch.0.clone();

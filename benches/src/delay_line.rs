@@ -5,8 +5,12 @@
 //! its namespaces with a TUN device in each instead of a veth pair, and the delay line carries
 //! every packet the kernel hands one device to the other after a fixed one-way delay, in both
 //! directions. TCP then sees a real path: its congestion window, its acknowledgements and every
-//! socket buffer must cover the bandwidth-delay product, as between two sites. The shaping
-//! stays the kernel's (TBF on each device, in front of the delay line).
+//! socket buffer must cover the bandwidth-delay product, as between two sites.
+//!
+//! The line is the link's bottleneck too ([`Bottleneck`]): packets leave it at the link's rate,
+//! one after the other, from a queue of bounded length that drops what does not fit, as a
+//! switch port does. The queue is in the network, not on the sending host's device, whose
+//! drops TCP learns of at once and answers with a stall (see [`crate::netns`]).
 //!
 //! The devices keep the usual 1500-byte MTU, so TCP's segments, and with them its initial
 //! window and slow start, are those of a real path; but they take segmentation offload, as a
@@ -21,7 +25,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,6 +38,40 @@ use crate::machine::{clock_ticks_per_s, task_cpu_ticks};
 const MAX_PACKET: usize = 128 << 10;
 /// How often a blocked thread looks whether the line is being taken down.
 const POLL: Duration = Duration::from_millis(50);
+/// The `virtio_net_hdr` in front of every packet (`IFF_VNET_HDR`, the kernel's default size).
+const VNET_HDR_LEN: usize = 10;
+
+/// The link's rate and its queue: a packet that arrives while more than `queue` of transmission
+/// waits ahead of it is dropped (drop-tail).
+#[derive(Debug, Clone, Copy)]
+pub struct Bottleneck {
+    /// The link's rate.
+    pub bits_per_sec: u64,
+    /// The longest wait in the queue.
+    pub queue: Duration,
+}
+
+impl Bottleneck {
+    /// How long `packet` (as the device handed it over, `virtio_net_hdr` first) occupies the
+    /// link: every segment it stands for, each with its own headers, as TBF counts them.
+    fn transmission(&self, packet: &[u8]) -> Duration {
+        let ip_len = packet.len().saturating_sub(VNET_HDR_LEN) as u64;
+        let mut wire = ip_len;
+        if let [_flags, gso_type, h0, h1, s0, s1, ..] = *packet
+            && gso_type != 0
+        {
+            let (header, segment) = (
+                u64::from(u16::from_le_bytes([h0, h1])),
+                u64::from(u16::from_le_bytes([s0, s1])),
+            );
+            if segment > 0 && ip_len > header {
+                let segments = (ip_len - header).div_ceil(segment);
+                wire += (segments - 1) * header;
+            }
+        }
+        Duration::from_secs_f64(wire as f64 * 8.0 / self.bits_per_sec as f64)
+    }
+}
 
 /// Opens TUN device `name` in namespace `ns` (created there, and gone once the descriptor
 /// closes). A thread of its own enters the namespace, so the caller's stays as it was.
@@ -114,6 +152,8 @@ pub struct DelayLine {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     tids: Arc<Mutex<Vec<libc::pid_t>>>,
+    /// Bytes carried from `a` to `b` (see [`DelayLine::carried_bytes`]).
+    carried: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for DelayLine {
@@ -129,18 +169,34 @@ impl DelayLine {
         Ok((open_tun(a_ns, a_if)?, open_tun(b_ns, b_if)?))
     }
 
-    /// Carries every packet of `a` to `b` and of `b` to `a`, `one_way` after it was sent.
-    pub fn start(a: File, b: File, one_way: Duration) -> io::Result<DelayLine> {
+    /// Carries every packet of `a` to `b` and of `b` to `a` through `bottleneck`, `one_way`
+    /// after it left it.
+    pub fn start(
+        a: File,
+        b: File,
+        one_way: Duration,
+        bottleneck: Bottleneck,
+    ) -> io::Result<DelayLine> {
         // Built first, so that a thread that cannot start stops those that did (on drop).
         let mut line = DelayLine {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
             tids: Arc::new(Mutex::new(Vec::new())),
+            carried: Arc::new(AtomicU64::new(0)),
         };
-        for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
+        let no_count = Arc::new(AtomicU64::new(0));
+        for (from, to, carried) in [
+            (a.try_clone()?, b.try_clone()?, line.carried.clone()),
+            (b, a, no_count),
+        ] {
             let (tx, rx) = channel();
             let stop = line.stop.clone();
-            line.spawn("ps-delay-in", move || take_in(from, &tx, one_way, &stop))?;
+            let path = Path {
+                one_way,
+                bottleneck,
+                carried,
+            };
+            line.spawn("ps-delay-in", move || take_in(from, &tx, &path, &stop))?;
             let stop = line.stop.clone();
             line.spawn("ps-delay-out", move || give_out(to, &rx, &stop))?;
         }
@@ -160,6 +216,12 @@ impl DelayLine {
         Ok(())
     }
 
+    /// Bytes of the packets from `a` that left the bottleneck towards `b` so far (IP packets,
+    /// headers included, as a device's counter has them; not those the queue dropped).
+    pub fn carried_bytes(&self) -> u64 {
+        self.carried.load(Ordering::Relaxed)
+    }
+
     /// CPU seconds the delay line's threads have used so far.
     pub fn cpu_s(&self) -> f64 {
         let ticks: u64 = self
@@ -173,9 +235,20 @@ impl DelayLine {
     }
 }
 
-/// Reads packets from `from` and queues each with the moment it is due at the other end.
-fn take_in(mut from: File, due: &Sender<(Instant, Vec<u8>)>, one_way: Duration, stop: &AtomicBool) {
+/// One direction of the line.
+struct Path {
+    one_way: Duration,
+    bottleneck: Bottleneck,
+    /// Bytes of the packets that left the bottleneck (IP packets, as a device counts them).
+    carried: Arc<AtomicU64>,
+}
+
+/// Reads packets from `from`, puts each through the bottleneck (or drops it there), and queues
+/// it with the moment it is due at the other end.
+fn take_in(mut from: File, due: &Sender<(Instant, Vec<u8>)>, path: &Path, stop: &AtomicBool) {
     let mut buf = vec![0u8; MAX_PACKET];
+    // When the link has sent everything queued so far.
+    let mut free_at = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match readable(&from) {
             Ok(false) => continue,
@@ -185,8 +258,16 @@ fn take_in(mut from: File, due: &Sender<(Instant, Vec<u8>)>, one_way: Duration, 
         match from.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
+                let now = Instant::now();
+                let start = free_at.max(now);
+                if start - now > path.bottleneck.queue {
+                    continue; // the queue is full: dropped
+                }
+                free_at = start + path.bottleneck.transmission(&buf[..n]);
+                path.carried
+                    .fetch_add(n.saturating_sub(VNET_HDR_LEN) as u64, Ordering::Relaxed);
                 if due
-                    .send((Instant::now() + one_way, buf[..n].to_vec()))
+                    .send((free_at + path.one_way, buf[..n].to_vec()))
                     .is_err()
                 {
                     return;
@@ -198,8 +279,8 @@ fn take_in(mut from: File, due: &Sender<(Instant, Vec<u8>)>, one_way: Duration, 
     }
 }
 
-/// Writes each queued packet to `to` once it is due. The delay is the same for every packet,
-/// so they are due in the order they came.
+/// Writes each queued packet to `to` once it is due. Packets leave the bottleneck in the order
+/// they came, and the delay is the same for every packet, so they are due in that order.
 fn give_out(mut to: File, due: &Receiver<(Instant, Vec<u8>)>, stop: &AtomicBool) {
     let mut waiting: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {

@@ -1,9 +1,9 @@
 //! Two "hosts" on one machine: network namespaces joined through a switch, a third namespace
 //! holding a bridge whose two ports shape each direction with TBF; or, with a round-trip time,
-//! by two TUN devices and a delay line between them ([`crate::delay_line`]), shaped by TBF on
-//! the devices.
+//! by two TUN devices and a delay line between them ([`crate::delay_line`]), which is the
+//! bottleneck as well. Either way each direction queues at most [`QUEUE`] of transmission.
 //!
-//! The switch keeps the link's queue where a real path has it, in the network. A shaper on the
+//! Both keep the link's queue where a real path has it, in the network. A shaper on the
 //! sending host's own device drops the sender's packets locally when its queue is full, and
 //! TCP then holds back a connection that has nothing in flight until its zero-window probe
 //! timer fires (200 ms or more): a sender with several connections, each idle now and then
@@ -22,7 +22,11 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::delay_line::DelayLine;
+use crate::delay_line::{Bottleneck, DelayLine};
+
+/// How long a packet may wait in the link's queue before the queue counts as full and drops
+/// (TBF's `latency`, the delay line's [`Bottleneck::queue`]): a switch port's buffer.
+const QUEUE: Duration = Duration::from_millis(10);
 
 /// A shaped link between a source and a destination namespace.
 #[derive(Debug)]
@@ -93,24 +97,27 @@ pub fn have_root() -> bool {
 }
 
 impl LinkPair {
-    /// Creates the pair with `rate` (a `tc` rate such as `1gbit`) in each direction.
-    pub fn create(rate: &str, burst_bytes: u64) -> Result<Self, String> {
-        Self::create_with_rtt(rate, burst_bytes, Duration::ZERO)
+    /// Creates the pair with `bits_per_sec` in each direction, through a switch, TBF letting
+    /// `burst_bytes` through at once.
+    pub fn create(bits_per_sec: u64, burst_bytes: u64) -> Result<Self, String> {
+        Self::create_with_rtt(bits_per_sec, burst_bytes, Duration::ZERO)
     }
 
-    /// Creates the pair with `rate` in each direction and a round-trip time of `rtt` (half of
-    /// it each way; zero: a plain veth pair).
-    pub fn create_with_rtt(rate: &str, burst_bytes: u64, rtt: Duration) -> Result<Self, String> {
+    /// Creates the pair with `bits_per_sec` in each direction and a round-trip time of `rtt`
+    /// (half of it each way; zero: through a switch, as [`LinkPair::create`]).
+    pub fn create_with_rtt(
+        bits_per_sec: u64,
+        burst_bytes: u64,
+        rtt: Duration,
+    ) -> Result<Self, String> {
         if !have_root() {
             return Err(
                 "emulating a link needs root (it creates network namespaces); run as root, or use --link unlimited"
                     .into(),
             );
         }
-        if rate.is_empty() || rate.contains(char::is_whitespace) {
-            return Err(format!(
-                "{rate:?} is not a link rate (write it like 1gbit or 100mbit)"
-            ));
+        if bits_per_sec == 0 {
+            return Err("a link of 0 bits per second carries nothing".into());
         }
         remove_stale();
         let pid = std::process::id();
@@ -132,7 +139,10 @@ impl LinkPair {
         let (s, d) = (&pair.src_ns, &pair.dst_ns);
         let (src_if, dst_if) = (&pair.src_if, &pair.dst_if);
         let (src_addr, dst_addr) = (pair.src_addr, pair.dst_addr);
-        let tbf = format!("root tbf rate {rate} burst {burst_bytes}b latency 10ms");
+        let tbf = format!(
+            "root tbf rate {bits_per_sec}bit burst {burst_bytes}b latency {}ms",
+            QUEUE.as_millis()
+        );
         // Every argument is free of whitespace (names generated above, a checked rate), so each
         // step can be written as one line.
         let run_all = |steps: &[String]| -> Result<(), String> {
@@ -173,8 +183,6 @@ impl LinkPair {
             run_all(&[
                 format!("ip -n {s} addr add {src_addr} peer {dst_addr} dev {src_if}"),
                 format!("ip -n {d} addr add {dst_addr} peer {src_addr} dev {dst_if}"),
-                format!("ip netns exec {s} tc qdisc add dev {src_if} {tbf}"),
-                format!("ip netns exec {d} tc qdisc add dev {dst_if} {tbf}"),
             ])?;
             Some(tuns)
         };
@@ -185,16 +193,24 @@ impl LinkPair {
             format!("ip -n {d} link set lo up"),
         ])?;
         if let Some((a, b)) = tuns {
+            // TBF's queue holds its latency's worth at the rate, plus the burst.
+            let burst = Duration::from_secs_f64(burst_bytes as f64 * 8.0 / bits_per_sec as f64);
+            let bottleneck = Bottleneck {
+                bits_per_sec,
+                queue: QUEUE + burst,
+            };
             pair.delay = Some(
-                DelayLine::start(a, b, rtt / 2)
+                DelayLine::start(a, b, rtt / 2, bottleneck)
                     .map_err(|e| format!("cannot start the delay line: {e}"))?,
             );
         }
         Ok(pair)
     }
 
-    /// The shapers, as (namespace, device): the way there first, then the way back.
-    fn shapers(&self) -> [(&str, &str); 2] {
+    /// The devices every packet crosses, as (namespace, device): the way there first, then the
+    /// way back. Through a switch, its ports (which shape the link); with a delay line, the
+    /// TUN devices in front of it.
+    fn egress(&self) -> [(&str, &str); 2] {
         match &self.switch {
             Some(w) => [(&w.ns, &w.to_dst), (&w.ns, &w.to_src)],
             None => [(&self.src_ns, &self.src_if), (&self.dst_ns, &self.dst_if)],
@@ -203,9 +219,10 @@ impl LinkPair {
 
     /// Drops every packet both ways from now on, and tells neither end (no reset, no
     /// unreachable): a network partition, as a pulled cable or a dropping firewall makes one.
-    /// Each shaper becomes a token bucket smaller than any packet, which TBF drops.
+    /// Each device of [`LinkPair::egress`] gets a token bucket smaller than any packet, which
+    /// TBF drops.
     pub fn partition(&self) -> Result<(), String> {
-        for (ns, iface) in self.shapers() {
+        for (ns, iface) in self.egress() {
             run(&[
                 "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", iface, "root", "tbf",
                 "rate", "1gbit", "burst", "1", "latency", "1ms",
@@ -227,7 +244,10 @@ impl LinkPair {
     /// Bytes that have crossed the link towards the destination so far, headers included: what
     /// left its shaper (not what the source offered it, which counts packets the link dropped).
     pub fn src_tx_bytes(&self) -> Result<u64, String> {
-        let [(ns, iface), _] = self.shapers();
+        if let Some(delay) = &self.delay {
+            return Ok(delay.carried_bytes());
+        }
+        let [(ns, iface), _] = self.egress();
         let out = Command::new("ip")
             .args(["netns", "exec", ns, "cat"])
             .arg(format!("/sys/class/net/{iface}/statistics/tx_bytes"))
@@ -317,15 +337,12 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    #[test]
-    fn a_link_through_the_switch_carries_a_connection_and_goes_away() {
-        let pair =
-            LinkPair::create("100mbit", 64 << 10).expect("three network namespaces (needs root)");
-        let switch = pair
-            .switch
-            .as_ref()
-            .expect("a link without a round trip has a switch");
-        let (switch_ns, dst_addr) = (switch.ns.clone(), pair.dst_addr);
+    /// Sends 4 MiB from the source to the destination over one connection, and checks that
+    /// they all arrive, no sooner than a link of `bits_per_sec` can carry them (less what its
+    /// queue and burst hold), and that the link counted them.
+    fn send_through(pair: &LinkPair, bits_per_sec: u64) {
+        const BYTES: usize = 4 << 20;
+        let dst_addr = pair.dst_addr;
         let listener = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -336,30 +353,51 @@ mod tests {
                 .expect("listener thread")
         });
         let port = listener.local_addr().expect("address").port();
-        const BYTES: usize = 4 << 20;
         let sink = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().expect("accept");
             let mut got = Vec::new();
             conn.read_to_end(&mut got).expect("read to the end");
-            got.len()
+            (got.len(), Instant::now())
         });
         let before = pair.src_tx_bytes().expect("the link's counter");
-        std::thread::scope(|scope| {
+        let start = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     pair.enter_src().expect("enter the source namespace");
+                    let start = Instant::now();
                     let mut conn = TcpStream::connect((dst_addr, port)).expect("connect");
                     conn.write_all(&vec![7u8; BYTES]).expect("send");
+                    start
                 })
                 .join()
                 .expect("client thread")
         });
-        assert_eq!(sink.join().expect("sink thread"), BYTES);
+        let (got, end) = sink.join().expect("sink thread");
+        assert_eq!(got, BYTES);
+        // The link may let its queue and a burst through at once: 10 ms and 64 KiB.
+        let shaped = (BYTES - (64 << 10)) as f64 * 8.0 / bits_per_sec as f64 - 0.01;
+        let took = (end - start).as_secs_f64();
+        assert!(
+            took >= shaped,
+            "{BYTES} bytes crossed a {bits_per_sec} bit/s link in {took:.3} s, under {shaped:.3} s"
+        );
         let crossed = pair.src_tx_bytes().expect("the link's counter") - before;
         assert!(
             crossed >= BYTES as u64,
             "the link counts what crossed it, headers included: {crossed} bytes for {BYTES}"
         );
+    }
+
+    #[test]
+    fn a_link_through_the_switch_carries_a_connection_and_goes_away() {
+        let pair =
+            LinkPair::create(100_000_000, 64 << 10).expect("three network namespaces (needs root)");
+        let switch = pair
+            .switch
+            .as_ref()
+            .expect("a link without a round trip has a switch");
+        let switch_ns = switch.ns.clone();
+        send_through(&pair, 100_000_000);
         // The shapers are the switch's ports: the source's own device has none, so it never
         // drops its host's packets itself.
         let src_qdiscs = qdiscs(pair.src_ns(), &pair.src_if);
@@ -380,9 +418,9 @@ mod tests {
     }
 
     #[test]
-    fn a_link_with_a_round_trip_time_delays_both_ways_and_goes_away() {
+    fn a_link_with_a_round_trip_time_delays_both_ways_shapes_and_goes_away() {
         let rtt = Duration::from_millis(60);
-        let pair = LinkPair::create_with_rtt("100mbit", 64 << 10, rtt)
+        let pair = LinkPair::create_with_rtt(20_000_000, 64 << 10, rtt)
             .expect("two network namespaces and a delay line (needs root)");
         let (src_ns, dst_addr) = (pair.src_ns().to_string(), pair.dst_addr);
         let listener = std::thread::scope(|scope| {
@@ -428,10 +466,9 @@ mod tests {
             round_trip >= rtt,
             "a byte came back in {round_trip:?}, under {rtt:?}"
         );
-        assert!(
-            pair.src_tx_bytes().expect("the source end's counter") > 0,
-            "the source end counts what it sends"
-        );
+        // The delay line is the link's bottleneck too (slow start alone would take a third of
+        // the time at this round trip).
+        send_through(&pair, 20_000_000);
         drop(pair);
         assert!(
             !namespaces().contains(&src_ns),

@@ -699,7 +699,7 @@ pub fn run(
         }
     };
     progress("setting up the link");
-    let pair = LinkPair::create_with_rtt(&tc_rate, (bits / 8 / 250).max(64 << 10), config.rtt)?;
+    let pair = LinkPair::create_with_rtt(bits, (bits / 8 / 250).max(64 << 10), config.rtt)?;
     let dir = std::env::temp_dir().join(format!("ps-bench-qemu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut results = Vec::new();

@@ -165,13 +165,10 @@ impl Hosts {
     fn new(link: &Link) -> Result<Self, String> {
         let pair = match link {
             Link::Loopback => None,
-            Link::Shaped {
-                tc_rate,
-                bits_per_sec,
-            } => {
+            Link::Shaped { bits_per_sec, .. } => {
                 // A burst of about one timer tick at the rate, at least 64 KiB.
                 let burst = (bits_per_sec / 8 / 250).max(64 << 10);
-                Some(LinkPair::create(tc_rate, burst)?)
+                Some(LinkPair::create(*bits_per_sec, burst)?)
             }
         };
         Ok(Self { pair })
