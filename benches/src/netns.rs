@@ -1,7 +1,7 @@
 //! Two "hosts" on one machine: network namespaces joined through a switch, a third namespace
 //! holding a bridge whose two ports shape each direction with TBF; or, with a round-trip time,
 //! by two TUN devices and a delay line between them ([`crate::delay_line`]), which is the
-//! bottleneck as well. Either way each direction queues at most [`QUEUE`] of transmission.
+//! bottleneck as well. Either way each direction queues at most 10 ms of transmission.
 //!
 //! Both keep the link's queue where a real path has it, in the network. A shaper on the
 //! sending host's own device drops the sender's packets locally when its queue is full, and
@@ -219,8 +219,8 @@ impl LinkPair {
 
     /// Drops every packet both ways from now on, and tells neither end (no reset, no
     /// unreachable): a network partition, as a pulled cable or a dropping firewall makes one.
-    /// Each device of [`LinkPair::egress`] gets a token bucket smaller than any packet, which
-    /// TBF drops.
+    /// Each device every packet crosses (the switch's ports, or the TUN devices in front of the
+    /// delay line) gets a token bucket smaller than any packet, which TBF drops.
     pub fn partition(&self) -> Result<(), String> {
         for (ns, iface) in self.egress() {
             run(&[
