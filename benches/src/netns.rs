@@ -337,21 +337,26 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A listener on the destination end of `pair`, on a free port.
+    fn listen_at_destination(pair: &LinkPair) -> TcpListener {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    pair.enter_dst().expect("enter the destination namespace");
+                    TcpListener::bind((pair.dst_addr, 0)).expect("listen on the destination end")
+                })
+                .join()
+                .expect("listener thread")
+        })
+    }
+
     /// Sends 4 MiB from the source to the destination over one connection, and checks that
     /// they all arrive, no sooner than a link of `bits_per_sec` can carry them (less what its
     /// queue and burst hold), and that the link counted them.
     fn send_through(pair: &LinkPair, bits_per_sec: u64) {
         const BYTES: usize = 4 << 20;
         let dst_addr = pair.dst_addr;
-        let listener = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    pair.enter_dst().expect("enter the destination namespace");
-                    TcpListener::bind((dst_addr, 0)).expect("listen on the destination end")
-                })
-                .join()
-                .expect("listener thread")
-        });
+        let listener = listen_at_destination(pair);
         let port = listener.local_addr().expect("address").port();
         let sink = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().expect("accept");
@@ -423,15 +428,7 @@ mod tests {
         let pair = LinkPair::create_with_rtt(20_000_000, 64 << 10, rtt)
             .expect("two network namespaces and a delay line (needs root)");
         let (src_ns, dst_addr) = (pair.src_ns().to_string(), pair.dst_addr);
-        let listener = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    pair.enter_dst().expect("enter the destination namespace");
-                    TcpListener::bind((dst_addr, 0)).expect("listen on the destination end")
-                })
-                .join()
-                .expect("listener thread")
-        });
+        let listener = listen_at_destination(&pair);
         let port = listener.local_addr().expect("address").port();
         let echo = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().expect("accept");
