@@ -18,6 +18,53 @@ pub enum BenchCommand {
     /// Migrate a QEMU guest over an emulated link: QEMU alone (native, multifd+zstd, XBZRLE)
     /// and through the pagestream shims.
     Qemu(QemuArgs),
+    /// Replay a recorded QEMU migration stream through the shims, without VMs, against the same
+    /// stream over one TCP connection: what the shim pipeline itself costs per byte.
+    Shim(ShimArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ShimArgs {
+    /// A recorded migration stream (QMP `migrate exec:cat > FILE`, or --record); without it,
+    /// one is recorded from the test guest first (--mem, --fill, --dirty-rate).
+    #[arg(long, conflicts_with = "record")]
+    stream: Option<PathBuf>,
+    /// Record the stream to this file and keep it (for later runs with --stream).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Guest memory of the recording, MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem: u32,
+    /// Memory the guest's workload fills before the recording, MiB.
+    #[arg(long, default_value_t = 512)]
+    fill: u32,
+    /// Pages the workload dirties per second while QEMU writes the recording.
+    #[arg(long, default_value_t = 2000)]
+    dirty_rate: u32,
+    /// Which QEMU records the stream: "system" or "10" (see `bench qemu --help`).
+    #[arg(long, default_value = "system")]
+    qemu: String,
+    /// The link: unlimited (loopback), or a rate such as 10gbit (needs root: two network
+    /// namespaces joined through a third one, a switch whose ports shape the link; removed
+    /// afterwards).
+    #[arg(long, default_value = "unlimited")]
+    link: String,
+    /// Methods to run, comma-separated: tcp (the stream over one TCP connection, as native
+    /// QEMU), shim (parsing mode), shim-opaque.
+    #[arg(long, default_value = "tcp,shim,shim-opaque")]
+    methods: String,
+    /// The shims' data channels (default: one per CPU, at least 2).
+    #[arg(long)]
+    channels: Option<u16>,
+    /// Rounds: every method runs once per round, in order; figures are medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Print the shims' log lines to stderr.
+    #[arg(long)]
+    shim_log: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -116,6 +163,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Transport(args) => transport(args),
         BenchCommand::Qemu(args) => qemu(args),
+        BenchCommand::Shim(args) => shim(args),
     }
 }
 
@@ -483,4 +531,179 @@ median (range) of {} rounds:",
         }
     }
     Ok(())
+}
+
+fn shim(args: ShimArgs) -> Result<()> {
+    use pagestream_benches::shim_bench::{self, RecordConfig, ShimBenchConfig, ShimMethod};
+    use pagestream_qemu_shim::vm::QemuBuild;
+    let link = transport_bench::parse_link(&args.link)
+        .map_err(anyhow::Error::msg)
+        .context("bad --link")?;
+    let channels = args
+        .channels
+        .unwrap_or_else(pagestream_transport::default_channels);
+    if channels == 0 || channels > 64 {
+        bail!("--channels must be between 1 and 64");
+    }
+    if args.repeat == 0 || args.repeat > 50 {
+        bail!("--repeat must be between 1 and 50");
+    }
+    let methods = args
+        .methods
+        .split(',')
+        .map(|name| {
+            ShimMethod::ALL
+                .into_iter()
+                .find(|m| m.name() == name.trim())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = ShimMethod::ALL.iter().map(|m| m.name()).collect();
+                    anyhow::anyhow!("unknown method '{name}' (known: {})", known.join(", "))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let workspace = std::env::current_dir()?;
+    let stream = match &args.stream {
+        Some(path) => {
+            fs::read(path).with_context(|| format!("cannot read the stream {}", path.display()))?
+        }
+        None => {
+            if args.fill >= args.mem || args.mem < 128 || args.mem > 16384 {
+                bail!("--mem must be 128 to 16384 MiB and larger than --fill");
+            }
+            let record = RecordConfig {
+                memory_mib: args.mem,
+                fill_mib: args.fill,
+                dirty_rate: args.dirty_rate,
+                qemu: match args.qemu.as_str() {
+                    "system" => QemuBuild::System,
+                    "10" => QemuBuild::qemu10(&workspace).map_err(anyhow::Error::msg)?,
+                    other => bail!("--qemu {other}: expected \"system\" or \"10\""),
+                },
+            };
+            let (path, keep) = match &args.record {
+                Some(path) => (path.clone(), true),
+                None => (
+                    std::env::temp_dir()
+                        .join(format!("ps-bench-shim-{}.stream", std::process::id())),
+                    false,
+                ),
+            };
+            let spinner = progress::spinner(&format!(
+                "recording a migration of a {} MiB guest ({} MiB filled)",
+                args.mem, args.fill
+            ));
+            let recorded = shim_bench::record(&workspace, &record, &path);
+            spinner.finish_and_clear();
+            let bytes = recorded.map_err(anyhow::Error::msg).and_then(|()| {
+                fs::read(&path)
+                    .with_context(|| format!("cannot read the recorded stream {}", path.display()))
+            });
+            if !keep {
+                let _ = fs::remove_file(&path);
+            }
+            bytes?
+        }
+    };
+    let reference = shim_bench::load(&mut &stream[..], None, Vec::new())
+        .map_err(anyhow::Error::msg)
+        .context("the stream is not a QEMU migration stream this bench can load")?;
+    if reference.blocks.is_empty() || reference.page_records == 0 {
+        bail!(
+            "the stream holds no RAM pages ({} bytes): not a QEMU migration stream",
+            stream.len()
+        );
+    }
+    let config = ShimBenchConfig {
+        link,
+        methods,
+        channels,
+        repeat: args.repeat,
+        shim_log: args.shim_log,
+    };
+    let spinner = progress::spinner("benchmarking");
+    let report = shim_bench::run(&stream, &reference, &config, |step| {
+        spinner.set_message(step.to_string())
+    });
+    spinner.finish_and_clear();
+    let report = report.map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_shim_report(&report);
+    }
+    if !report.verified {
+        bail!("a run did not deliver the recorded stream's memory and device state");
+    }
+    Ok(())
+}
+
+fn print_shim_report(r: &pagestream_benches::shim_bench::ShimBenchReport) {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "a {:.1} MiB QEMU migration stream ({} page records, {:.0} MiB of RAM), over {}{}, \
+         shims with {} channels",
+        mib(r.stream_bytes),
+        r.page_records,
+        mib(r.ram_bytes),
+        r.link,
+        r.link_mb_s
+            .map_or(String::new(), |m| format!(" ({m:.1} MB/s)")),
+        r.channels
+    );
+    println!("machine: {}", r.machine);
+    println!();
+    println!(
+        "{:<22} {:>9} {:>11} {:>13} {:>10} {:>11} {:>9}",
+        "method", "seconds", "stream MB/s", "on the wire", "CPU busy", "CPU-s/GiB", "verified"
+    );
+    for run in &r.runs {
+        println!(
+            "{:<22} {:>9.3} {:>11.0} {:>9.1} MiB {:>8.2} s {:>11.2} {:>9}",
+            format!("{} (round {})", run.method.name(), run.round),
+            run.seconds,
+            run.stream_mb_s,
+            mib(run.wire_bytes),
+            run.cpu.busy_s,
+            run.cpu_s_per_gib,
+            if run.verified { "yes" } else { "NO" }
+        );
+    }
+    for run in &r.runs {
+        if let Some(note) = &run.note {
+            println!("{} (round {}): {note}", run.method.name(), run.round);
+        }
+    }
+    let spread = |s: Option<pagestream_benches::qemu_bench::Spread>, digits: usize| {
+        s.map_or("-".into(), |s| {
+            format!(
+                "{:.digits$} ({:.digits$}-{:.digits$})",
+                s.median, s.min, s.max
+            )
+        })
+    };
+    let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}x"));
+    println!("\nmedian (range) of {} rounds:", r.repeat);
+    println!(
+        "{:<14} {:>22} {:>22} {:>22} {:>10} {:>10} {:>9}",
+        "method", "seconds", "CPU busy s", "CPU-s/GiB", "time/tcp", "CPU/tcp", "verified"
+    );
+    for s in &r.summary {
+        println!(
+            "{:<14} {:>22} {:>22} {:>22} {:>10} {:>10} {:>9}",
+            s.method.name(),
+            spread(s.seconds, 3),
+            spread(s.cpu_busy_s, 2),
+            spread(s.cpu_s_per_gib, 2),
+            ratio(s.time_vs_tcp),
+            ratio(s.cpu_vs_tcp),
+            format!("{}/{}", s.verified, s.runs)
+        );
+    }
+    if let Some(mode) = r.runs.iter().find_map(|run| {
+        (run.method == pagestream_benches::shim_bench::ShimMethod::Shim)
+            .then_some(run.mode.as_ref())
+            .flatten()
+    }) {
+        println!("\nshim mode: {mode}");
+    }
 }

@@ -165,7 +165,33 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         ),
         (recv(&["--qemu-multifd", "300"]), "--qemu-multifd"),
     ];
-    let cases: [(&[&str], &str); 13] = [
+    let cases: [(&[&str], &str); 17] = [
+        (
+            &["bench", "shim", "--stream", "/nonexistent/stream"],
+            "cannot read the stream /nonexistent/stream",
+        ),
+        // Not a migration stream: the loader cannot follow it.
+        (
+            &["bench", "shim", "--stream", "/etc/hostname"],
+            "not a QEMU migration stream",
+        ),
+        (
+            &["bench", "shim", "--methods", "tcp,carrier-pigeon"],
+            "unknown method 'carrier-pigeon' (known: tcp, shim, shim-opaque)",
+        ),
+        (
+            &[
+                "bench",
+                "shim",
+                "--record",
+                "/nonexistent/dir/s",
+                "--mem",
+                "256",
+                "--fill",
+                "64",
+            ],
+            "/nonexistent/dir is not a directory",
+        ),
         (
             &["shim", "recv", "--listen", "127.0.0.1:0", "--qemu", "tcp:1"],
             "is not tcp:HOST:PORT",

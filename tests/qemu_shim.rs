@@ -1649,3 +1649,63 @@ fn a_tls_migration_with_multifd_is_carried_opaque() {
     ];
     migrate_and_verify(s, says, &[OPAQUE, "3 QEMU connection(s)"]);
 }
+
+/// `pagestream bench shim`: records a live migration of the test guest to a file, then replays
+/// it through the shims on loopback and over an emulated link, every run verified against the
+/// recording (memory and device state as the loader ends with them).
+#[test]
+fn bench_shim_replays_a_recorded_migration_verified() {
+    let scratch = Scratch::new("bench-shim");
+    let recording = scratch.0.join("guest.stream");
+    let bench = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_pagestream"))
+            .current_dir(workspace())
+            .args(["bench", "shim", "--repeat", "1", "--json"])
+            .args(args)
+            .output()
+            .expect("pagestream runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "bench shim {args:?} failed: {stderr}");
+        serde_json::from_slice(&out.stdout).expect("one JSON report")
+    };
+    let record = recording.to_str().unwrap();
+    let report = bench(&["--record", record, "--mem", "256", "--fill", "64"]);
+    let stream_bytes = std::fs::metadata(&recording).unwrap().len();
+    assert_eq!(report["stream_bytes"], stream_bytes, "{report}");
+    // The workload's 64 MiB, in pages of their own.
+    assert!(stream_bytes > 64 << 20, "{report}");
+    assert!(report["page_records"].as_u64().unwrap() > 16384, "{report}");
+    // Guest RAM and the firmware's and devices' blocks.
+    assert!(
+        report["ram_bytes"].as_u64().unwrap() >> 20 >= 256,
+        "{report}"
+    );
+    assert_eq!(report["verified"], true, "{report}");
+    let runs = report["runs"].as_array().unwrap();
+    let methods: Vec<&str> = runs.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["tcp", "shim", "shim-opaque"], "{report}");
+    for run in runs {
+        assert_eq!(run["verified"], true, "{run}");
+        assert!(run["note"].is_null(), "{run}");
+        assert!(run["seconds"].as_f64().unwrap() > 0.0, "{run}");
+    }
+    assert_eq!(runs[0]["wire_bytes"], stream_bytes);
+    assert!(
+        runs[1]["mode"].as_str().unwrap().starts_with("parsing"),
+        "{report}"
+    );
+    assert!(
+        runs[2]["mode"].as_str().unwrap().starts_with("opaque"),
+        "{report}"
+    );
+    // Opaque mode's LZ4 shrinks the workload's content.
+    assert!(
+        runs[2]["wire_bytes"].as_u64().unwrap() < stream_bytes,
+        "{report}"
+    );
+
+    let report = bench(&["--stream", record, "--link", "1gbit", "--methods", "shim"]);
+    assert_eq!(report["link_mb_s"], 125.0, "{report}");
+    assert_eq!(report["verified"], true, "{report}");
+    assert_eq!(report["runs"].as_array().unwrap().len(), 1, "{report}");
+}

@@ -9,4 +9,5 @@ pub mod imagegen;
 pub mod machine;
 pub mod netns;
 pub mod qemu_bench;
+pub mod shim_bench;
 pub mod transport_bench;

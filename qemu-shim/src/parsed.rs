@@ -549,7 +549,7 @@ fn source_return_path(
         .map_err(|e| format!("return path: {e}"))?;
     let mut qemu_out = qemu.try_clone().map_err(|e| e.to_string())?;
     let session = session.clone();
-    Ok(std::thread::spawn(move || {
+    Ok(crate::relay::spawn_named("ps-return-path", move || {
         let (raw, wire) = session.direction(false);
         let mut to_qemu = WatchedWriter {
             inner: &mut qemu_out,

@@ -845,7 +845,7 @@ fn relay(
     }
     let incoming = {
         let session = session.clone();
-        std::thread::spawn(move || -> Result<(), String> {
+        spawn_named("ps-link-in", move || -> Result<(), String> {
             let (raw, wire) = session.direction(!forward);
             // What comes from the link: the return path on the source shim, the migration
             // stream on the destination shim.
@@ -1127,7 +1127,7 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             None => return Ok(summaries),
         };
         let (config, current, done_tx) = (config.clone(), current.clone(), done_tx.clone());
-        std::thread::spawn(move || {
+        spawn_named("ps-src-conn", move || {
             let mut conn = conn;
             let pid = conn.peer_pid();
             let takes_unannounced = || {
@@ -1368,6 +1368,18 @@ impl std::fmt::Debug for DestinationConfig {
     }
 }
 
+/// Starts a thread named `name`, as `std::thread::spawn` does otherwise: profiles and `top -H`
+/// then tell the shims' threads apart.
+pub(crate) fn spawn_named<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("the system starts a thread")
+}
+
 /// Connects to QEMU, retrying for a while: the destination QEMU may still be starting.
 pub(crate) fn connect_qemu(endpoint: &Endpoint) -> Result<Conn, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1422,7 +1434,7 @@ pub fn run_destination_on(
             unreachable!("the destination listens on TCP");
         };
         let (config, sessions, done_tx) = (config.clone(), sessions.clone(), done_tx.clone());
-        std::thread::spawn(move || {
+        spawn_named("ps-dst-conn", move || {
             let peer = link.peer_addr().ok();
             let trusted =
                 config.allow_remote_without_key || peer.is_some_and(|p| p.ip().is_loopback());
