@@ -306,6 +306,13 @@ pub struct ShimRun {
     pub cpu: CpuUse,
     /// Machine CPU seconds per GiB of stream.
     pub cpu_s_per_gib: f64,
+    /// CPU seconds of the shims' threads (this process's, less the stand-ins').
+    pub shims_cpu_s: f64,
+    /// The shims' CPU seconds per GiB of stream.
+    pub shims_cpu_s_per_gib: f64,
+    /// CPU seconds of the two stand-ins (the source's writes, the loader's reads and copies):
+    /// what the two QEMUs' migration threads would spend.
+    pub stand_ins_cpu_s: f64,
     /// The mode the shims ran, and why (shim methods).
     pub mode: Option<String>,
     /// The loader ended with the recorded memory and non-page bytes.
@@ -325,6 +332,10 @@ pub struct ShimMethodSummary {
     pub cpu_busy_s: Option<Spread>,
     /// Machine CPU seconds per GiB of stream.
     pub cpu_s_per_gib: Option<Spread>,
+    /// The shims' CPU seconds per GiB of stream.
+    pub shims_cpu_s_per_gib: Option<Spread>,
+    /// The stand-ins' CPU seconds.
+    pub stand_ins_cpu_s: Option<Spread>,
     /// Bytes between the hosts, MiB.
     pub wire_mib: Option<Spread>,
     /// Median time over `tcp`'s median time.
@@ -507,7 +518,7 @@ fn run_once(
             let (mut conn, _) = listener
                 .accept()
                 .map_err(|e| format!("loader: accept: {e}"))?;
-            load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now()))
+            load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now(), thread_cpu_s()))
         });
         (loader, Target::Tcp(addr.to_string()))
     } else {
@@ -517,7 +528,7 @@ fn run_once(
             let (mut conn, _) = listener
                 .accept()
                 .map_err(|e| format!("loader: accept: {e}"))?;
-            load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now()))
+            load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now(), thread_cpu_s()))
         });
         (loader, Target::Unix(src_sock.clone()))
     };
@@ -528,12 +539,14 @@ fn run_once(
     };
 
     let cpu_before = CpuTimes::read()?;
+    let process_before = process_cpu_s();
     let started = Instant::now();
     let writer = {
         let (hosts, stream) = (hosts.clone(), stream.clone());
-        spawn("bench-source", move || -> Result<(), String> {
+        spawn("bench-source", move || -> Result<f64, String> {
             hosts.enter_src()?;
-            write_stream(&connect_to, &stream)
+            write_stream(&connect_to, &stream)?;
+            Ok(thread_cpu_s())
         })
     };
     let loaded = loader
@@ -544,9 +557,10 @@ fn run_once(
         .join()
         .map_err(|_| "the source stand-in panicked".to_string())?;
     let mut notes = Vec::new();
-    if let Err(e) = written {
+    let source_cpu_s = written.unwrap_or_else(|e| {
         notes.push(format!("source: {e}"));
-    }
+        0.0
+    });
     let mut wire_bytes = stream.len() as u64;
     let mut mode = None;
     for (side, shim) in ["destination shim", "source shim"].iter().zip(shims) {
@@ -566,8 +580,8 @@ fn run_once(
             Err(_) => notes.push(format!("{side}: panicked")),
         }
     }
-    let (seconds, verified, memory) = match loaded {
-        Ok((loaded, ended)) => {
+    let (seconds, verified, memory, loader_cpu_s) = match loaded {
+        Ok((loaded, ended, loader_cpu_s)) => {
             let seconds = ended.duration_since(started).as_secs_f64();
             let mut verified = true;
             if let Some(block) =
@@ -593,7 +607,7 @@ fn run_once(
                     reference.other.len()
                 ));
             }
-            (seconds, verified, loaded.memory)
+            (seconds, verified, loaded.memory, loader_cpu_s)
         }
         Err(e) => {
             notes.push(format!("loader: {e}"));
@@ -601,8 +615,17 @@ fn run_once(
                 started.elapsed().as_secs_f64(),
                 false,
                 block_buffers(&reference.blocks),
+                0.0,
             )
         }
+    };
+    // Everything in this process but the stand-ins: the shims' threads, and the kernel's work
+    // on their behalf (their syscalls, and the loopback's softirqs run in their context).
+    let stand_ins_cpu_s = source_cpu_s + loader_cpu_s;
+    let shims_cpu_s = if method == ShimMethod::Tcp {
+        0.0
+    } else {
+        (process_cpu_s() - process_before - stand_ins_cpu_s).max(0.0)
     };
     let gib = stream.len() as f64 / f64::from(1u32 << 30);
     Ok((
@@ -614,12 +637,35 @@ fn run_once(
             wire_bytes,
             cpu,
             cpu_s_per_gib: cpu.busy_s / gib,
+            shims_cpu_s,
+            shims_cpu_s_per_gib: shims_cpu_s / gib,
+            stand_ins_cpu_s,
             mode,
             verified,
             note: (!notes.is_empty()).then(|| notes.join("; ")),
         },
         memory,
     ))
+}
+
+/// CPU seconds the calling thread has run.
+fn thread_cpu_s() -> f64 {
+    clock_s(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU seconds this process has run, its threads that ended included.
+fn process_cpu_s() -> f64 {
+    clock_s(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn clock_s(clock: libc::clockid_t) -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill; the clocks named are always there.
+    unsafe { libc::clock_gettime(clock, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// Starts a named thread (the name shows in profiles beside the shims' own threads).
@@ -773,6 +819,8 @@ pub fn summarize(runs: &[ShimRun], methods: &[ShimMethod]) -> Vec<ShimMethodSumm
                 seconds,
                 cpu_busy_s,
                 cpu_s_per_gib: of(method, &|r| r.cpu_s_per_gib),
+                shims_cpu_s_per_gib: of(method, &|r| r.shims_cpu_s_per_gib),
+                stand_ins_cpu_s: of(method, &|r| r.stand_ins_cpu_s),
                 wire_mib: of(method, &|r| r.wire_bytes as f64 / f64::from(1u32 << 20)),
                 time_vs_tcp: ratio(seconds, tcp_time),
                 cpu_vs_tcp: ratio(cpu_busy_s, tcp_cpu),
@@ -919,6 +967,9 @@ mod tests {
                 steal_s: 0.0,
             },
             cpu_s_per_gib: busy_s,
+            shims_cpu_s: busy_s,
+            shims_cpu_s_per_gib: busy_s,
+            stand_ins_cpu_s: 0.5,
             mode: None,
             verified,
             note: None,
