@@ -602,17 +602,39 @@ const STAGED_LIMIT: usize = 16 << 20;
 /// What a zero page's record costs in the staging count.
 const STAGED_ZERO: usize = 16;
 
+/// Pages in one chunk of a bucket's page bytes (64 KiB: under glibc's threshold for mapping
+/// an allocation of its own, so a chunk never costs a mapping and an unmapping).
+const CHUNK_PAGES: usize = 16;
+const CHUNK_BYTES: usize = CHUNK_PAGES * PAGE_SIZE;
+/// Emptied chunks kept for reuse: all the staging can hold, and a chunk in progress per
+/// channel besides.
+const SPARE_CHUNKS: usize = STAGED_LIMIT / CHUNK_BYTES + 64;
+/// Emptied buckets kept for reuse (their record lists).
+const SPARE_BUCKETS: usize = 64;
+
 /// Pages of one pass from one channel, in arrival order.
 #[derive(Default)]
 struct Bucket {
-    /// Address and whether the page is zero (no bytes in `data`).
+    /// Address and whether the page is zero (no bytes in `chunks`).
     records: Vec<(PageAddr, bool)>,
-    data: Vec<u8>,
+    /// The bytes of the pages that are not zero, in order, [`CHUNK_PAGES`] to a chunk (every
+    /// chunk full but the last). Fixed-size chunks that go back to the staging once written
+    /// serve every bucket alike: pages are copied into memory that is already backed, where a
+    /// growing buffer per bucket would touch fresh memory (a page fault and a cleared page per
+    /// 4 KiB, most of the decoding threads' time) and copy itself at every doubling.
+    chunks: Vec<Vec<u8>>,
+    /// Pages in `chunks`.
+    data_pages: usize,
 }
 
 impl Bucket {
     fn staged_bytes(&self) -> usize {
-        self.data.len() + STAGED_ZERO * (self.records.len() - self.data.len() / PAGE_SIZE)
+        self.data_pages * PAGE_SIZE + STAGED_ZERO * (self.records.len() - self.data_pages)
+    }
+
+    /// The bytes of the pages that are not zero, in order.
+    fn pages(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().flat_map(|c| c.chunks_exact(PAGE_SIZE))
     }
 }
 
@@ -645,8 +667,11 @@ struct StagingState {
     finished: bool,
     /// The session ended early (or the writer failed): everyone stops.
     stopped: bool,
-    /// Emptied buckets the writer gave back, their buffers kept (see [`Staging::batch_written`]).
+    /// Emptied buckets the writer gave back, their record lists kept (see
+    /// [`Staging::batch_written`]).
     spare: Vec<Bucket>,
+    /// Emptied chunks of page bytes, kept for reuse.
+    spare_chunks: Vec<Vec<u8>>,
     /// The transport's session ended: channels stop waiting for room.
     released: bool,
 }
@@ -726,14 +751,27 @@ impl Staging {
             *stalled += waiting.elapsed();
             state.channels_waiting -= 1;
         }
-        let StagingState { buckets, spare, .. } = &mut *state;
+        let StagingState {
+            buckets,
+            spare,
+            spare_chunks,
+            ..
+        } = &mut *state;
         let bucket = buckets[channel]
             .entry(generation)
             .or_insert_with(|| spare.pop().unwrap_or_default());
         bucket.records.push((addr, page.is_none()));
         match page {
             Some(page) => {
-                bucket.data.extend_from_slice(page);
+                if bucket.chunks.last().is_none_or(|c| c.len() == CHUNK_BYTES) {
+                    let chunk = spare_chunks
+                        .pop()
+                        .unwrap_or_else(|| Vec::with_capacity(CHUNK_BYTES));
+                    bucket.chunks.push(chunk);
+                }
+                let chunk = bucket.chunks.last_mut().expect("a chunk was just ensured");
+                chunk.extend_from_slice(page);
+                bucket.data_pages += 1;
                 state.held += PAGE_SIZE;
             }
             None => state.held += STAGED_ZERO,
@@ -818,24 +856,24 @@ impl Staging {
         }
     }
 
-    /// The writer wrote the pages it took last, in `buckets`; their buffers serve again.
-    ///
-    /// Buckets come and go with every batch, and their page bytes grow page by page: in fresh
-    /// buffers that costs page faults (first touches) and a copy at every doubling, in the
-    /// decoding threads. Emptied buffers are kept while their capacity, all together, is under
-    /// [`STAGED_LIMIT`], so the staging holds at most twice that.
+    /// The writer wrote the pages it took last, in `buckets`; their chunks and record lists
+    /// serve again, up to [`SPARE_CHUNKS`] and [`SPARE_BUCKETS`].
     fn batch_written(&self, buckets: Vec<Bucket>) {
         let mut state = self.state.lock().expect("not poisoned");
         state.in_writer = 0;
-        let mut kept: usize = state.spare.iter().map(|b| b.data.capacity()).sum();
         for mut bucket in buckets {
-            kept += bucket.data.capacity();
-            if kept > STAGED_LIMIT {
-                break;
+            for mut chunk in bucket.chunks.drain(..) {
+                if state.spare_chunks.len() >= SPARE_CHUNKS {
+                    break;
+                }
+                chunk.clear();
+                state.spare_chunks.push(chunk);
             }
-            bucket.records.clear();
-            bucket.data.clear();
-            state.spare.push(bucket);
+            if state.spare.len() < SPARE_BUCKETS {
+                bucket.records.clear();
+                bucket.data_pages = 0;
+                state.spare.push(bucket);
+            }
         }
         if state.channels_waiting > 0 {
             self.room.notify_all();
@@ -1072,7 +1110,7 @@ impl Rebuild<'_> {
     }
 
     fn write_bucket(&mut self, bucket: &Bucket) -> Result<(), String> {
-        let mut pages = bucket.data.chunks_exact(PAGE_SIZE);
+        let mut pages = bucket.pages();
         for &(addr, zero) in &bucket.records {
             let block = self.blocks.get(addr.region as usize).ok_or_else(|| {
                 format!("a page of RAM block {} that does not exist", addr.region)
@@ -1506,18 +1544,18 @@ mod tests {
     }
 
     #[test]
-    fn written_buckets_serve_again_emptied() {
+    fn written_chunks_serve_again_emptied() {
         let staging = Staging::default();
         staging.set_channels(1);
         staging.written_through(0);
-        let pages = 64;
+        let pages = 3 * CHUNK_PAGES as u64 + 1;
         for index in 0..pages {
             staging
                 .push(
                     0,
                     addr(index),
                     0,
-                    Some(&[5; PAGE_SIZE]),
+                    Some(&[index as u8; PAGE_SIZE]),
                     &mut Duration::default(),
                 )
                 .unwrap();
@@ -1525,10 +1563,16 @@ mod tests {
         let WriterWork::Pages(taken) = staging.next() else {
             panic!("expected pages");
         };
-        let capacity = taken[0].data.capacity();
-        assert!(capacity >= pages as usize * PAGE_SIZE);
+        assert_eq!(taken[0].chunks.len(), 4);
+        assert!(
+            taken[0]
+                .pages()
+                .enumerate()
+                .all(|(i, p)| p == [i as u8; PAGE_SIZE])
+        );
+        let buffers: Vec<*const u8> = taken[0].chunks.iter().map(|c| c.as_ptr()).collect();
         staging.batch_written(taken);
-        // The next bucket is the same buffer, holding only the new page.
+        // The next page goes into one of the same chunks, emptied.
         staging
             .push(
                 0,
@@ -1542,16 +1586,17 @@ mod tests {
             panic!("expected pages");
         };
         assert_eq!(taken[0].records, [(addr(99), false)]);
-        assert_eq!(taken[0].data, [6; PAGE_SIZE]);
-        assert_eq!(taken[0].data.capacity(), capacity);
-        // What is kept stays under the staging's limit.
-        let huge = Bucket {
+        assert_eq!(taken[0].pages().collect::<Vec<_>>(), [[6; PAGE_SIZE]]);
+        assert!(buffers.contains(&taken[0].chunks[0].as_ptr()));
+        assert_eq!(taken[0].chunks[0].capacity(), CHUNK_BYTES);
+        // What is kept stays bounded.
+        let many = Bucket {
             records: Vec::new(),
-            data: Vec::with_capacity(STAGED_LIMIT + 1),
+            chunks: (0..2 * SPARE_CHUNKS).map(|_| Vec::new()).collect(),
+            data_pages: 0,
         };
-        staging.batch_written(vec![huge]);
-        let spare = &staging.state.lock().unwrap().spare;
-        assert!(spare.iter().map(|b| b.data.capacity()).sum::<usize>() <= STAGED_LIMIT);
+        staging.batch_written(vec![many]);
+        assert!(staging.state.lock().unwrap().spare_chunks.len() <= SPARE_CHUNKS);
     }
 
     #[test]
