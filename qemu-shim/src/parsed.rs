@@ -149,6 +149,58 @@ fn authenticate(
     stream.set_read_timeout(None)
 }
 
+/// The source's input from QEMU: read straight into the buffer the parser reads (no copy
+/// between a read buffer and a parse buffer, a copy of every page otherwise), the unparsed
+/// rest of an item moved to the front only when the free space runs short.
+struct InputBuffer {
+    buf: Vec<u8>,
+    /// The unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+impl InputBuffer {
+    /// A buffer holding `unparsed` first.
+    fn new(mut unparsed: Vec<u8>) -> Self {
+        let end = unparsed.len();
+        unparsed.resize(end.max(2 * READ_CHUNK), 0);
+        Self {
+            buf: unparsed,
+            start: 0,
+            end,
+        }
+    }
+
+    fn unparsed(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        debug_assert!(self.start <= self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads what QEMU has written (at most [`READ_CHUNK`] bytes); 0 at the end of its stream.
+    fn read_from(&mut self, qemu: &mut Conn) -> Result<usize, String> {
+        if self.buf.len() - self.end < READ_CHUNK {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() - self.end < READ_CHUNK {
+                self.buf.resize(self.end + READ_CHUNK, 0);
+            }
+        }
+        let end = self.end;
+        let got = read_some(qemu, &mut self.buf[end..end + READ_CHUNK])?;
+        self.end += got;
+        Ok(got)
+    }
+}
+
 fn read_some(qemu: &mut Conn, buf: &mut [u8]) -> Result<usize, String> {
     loop {
         match qemu.read(buf) {
@@ -435,8 +487,16 @@ pub(crate) fn source_main(
         .send_blob(0, &blocks_blob)
         .map_err(|e| full_message(&e))?;
     out.blob_bytes += blocks_blob.len() as u64;
+    let mut input = InputBuffer::new(held);
+    drop(buf);
     loop {
-        parser.parse_all(&mut held, &mut |event| out.event(event));
+        loop {
+            let n = parser.parse(input.unparsed(), &mut |event| out.event(event));
+            input.consume(n);
+            if n == 0 {
+                break;
+            }
+        }
         if let Some(e) = out.error.take() {
             return Err(e);
         }
@@ -449,14 +509,13 @@ pub(crate) fn source_main(
         if let Some(e) = session.failed() {
             return Err(format!("the session failed: {e}"));
         }
-        let got = read_some(&mut qemu, &mut buf)?;
+        let got = input.read_from(&mut qemu)?;
         if got == 0 {
             break;
         }
         session.forward_raw.fetch_add(got as u64, Ordering::Relaxed);
-        held.extend_from_slice(&buf[..got]);
     }
-    let ending = parser.finish(&held, &mut |event| out.event(event));
+    let ending = parser.finish(input.unparsed(), &mut |event| out.event(event));
     if let Some(e) = out.error.take() {
         return Err(e);
     }
@@ -947,6 +1006,8 @@ struct Rebuild<'a> {
     pages_since_sync: bool,
     /// The destination QEMU read the first bytes of its main channel.
     qemu_reads: bool,
+    /// Record headers of the group being written (kept for its capacity).
+    headers: Vec<u8>,
 }
 
 impl Rebuild<'_> {
@@ -1110,36 +1171,97 @@ impl Rebuild<'_> {
     }
 
     fn write_bucket(&mut self, bucket: &Bucket) -> Result<(), String> {
+        if self.multifd.is_some() {
+            return self.write_bucket_multifd(bucket);
+        }
+        // Records go out in groups, each in one vectored write: headers from `headers`, page
+        // bytes straight from the bucket's chunks. A group larger than the writer's buffer
+        // passes it by (one copy of each page fewer than through the buffer).
+        let mut pages = bucket.pages();
+        for group in bucket.records.chunks(RECORDS_PER_WRITE) {
+            let mut headers = std::mem::take(&mut self.headers);
+            headers.clear();
+            // (end of its header in `headers`, its page bytes) per record.
+            let mut parts: Vec<(usize, Option<&[u8]>)> = Vec::with_capacity(group.len());
+            for &(addr, zero) in group {
+                let block = self.blocks.get(addr.region as usize).ok_or_else(|| {
+                    format!("a page of RAM block {} that does not exist", addr.region)
+                })?;
+                let offset = addr.index * PAGE_SIZE as u64;
+                let mut header = [0u8; 8 + 1 + 255];
+                let len = record_header(&mut header, &block.name, offset, zero);
+                headers.extend_from_slice(&header[..len]);
+                let data = if zero {
+                    // A ZERO record's fill byte.
+                    headers.push(0);
+                    None
+                } else {
+                    Some(pages.next().ok_or("a bucket short of page data")?)
+                };
+                parts.push((headers.len(), data));
+            }
+            let mut slices = Vec::with_capacity(2 * parts.len());
+            let mut start = 0;
+            for &(end, data) in &parts {
+                slices.push(io::IoSlice::new(&headers[start..end]));
+                start = end;
+                if let Some(page) = data {
+                    slices.push(io::IoSlice::new(page));
+                }
+            }
+            let bytes: usize = slices.iter().map(|s| s.len()).sum();
+            write_all_vectored(&mut self.out, &mut slices).map_err(qemu_write_error)?;
+            self.written += bytes as u64;
+            self.pages_since_sync |= !group.is_empty();
+            drop(slices);
+            self.headers = headers;
+        }
+        Ok(())
+    }
+
+    /// A bucket's pages onto the destination QEMU's multifd channels (its ZERO records on the
+    /// main channel).
+    fn write_bucket_multifd(&mut self, bucket: &Bucket) -> Result<(), String> {
         let mut pages = bucket.pages();
         for &(addr, zero) in &bucket.records {
             let block = self.blocks.get(addr.region as usize).ok_or_else(|| {
                 format!("a page of RAM block {} that does not exist", addr.region)
             })?;
-            let data = if zero {
-                None
-            } else {
-                Some(pages.next().ok_or("a bucket short of page data")?)
-            };
             let offset = addr.index * PAGE_SIZE as u64;
             self.pages_since_sync = true;
-            if let (Some(page), Some(multifd)) = (data, &mut self.multifd) {
+            if !zero {
+                let page = pages.next().ok_or("a bucket short of page data")?;
+                let multifd = self.multifd.as_mut().expect("called with multifd");
                 self.written += multifd.page(&self.blocks, addr.region as usize, offset, page)?;
                 continue;
             }
             let mut header = [0u8; 8 + 1 + 255];
             let len = record_header(&mut header, &block.name, offset, zero);
-            let written = self
-                .out
+            self.out
                 .write_all(&header[..len])
-                .and_then(|()| match data {
-                    Some(page) => self.out.write_all(page),
-                    None => self.out.write_all(&[0]),
-                });
-            written.map_err(qemu_write_error)?;
-            self.written += (len + data.map_or(1, <[u8]>::len)) as u64;
+                .and_then(|()| self.out.write_all(&[0]))
+                .map_err(qemu_write_error)?;
+            self.written += (len + 1) as u64;
         }
         Ok(())
     }
+}
+
+/// Records per vectored write of the destination's main channel: two slices each, within
+/// the kernel's 1024 per call.
+const RECORDS_PER_WRITE: usize = 500;
+
+/// Writes all of `slices` (std's `write_all_vectored` is not stable yet).
+fn write_all_vectored(out: &mut impl Write, mut slices: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match out.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What a failed write to the destination QEMU means. QEMU closes its migration connection
@@ -1280,6 +1402,7 @@ pub(crate) fn destination_main(
         discipline: None,
         pages_since_sync: false,
         qemu_reads: false,
+        headers: Vec::new(),
     };
     let stats = Arc::new(SessionStats::new(usize::from(channels)));
     let mut blob_bytes = 0u64;
@@ -1541,6 +1664,49 @@ mod tests {
         staging.finish();
         assert_eq!(pages_of(staging.next()), [u64::MAX]);
         assert_eq!(staging.state.lock().unwrap().held, 0);
+    }
+
+    #[test]
+    fn the_input_buffer_gives_every_byte_once_in_order() {
+        use std::io::Write;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stream: Vec<u8> = (0..5 * READ_CHUNK + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        // The first bytes came with the connection's classification, before the buffer.
+        let sent = stream[10..].to_vec();
+        let writer = std::thread::spawn(move || {
+            // Uneven writes, so that reads end mid-item.
+            for piece in sent.chunks(777_777) {
+                b.write_all(piece).unwrap();
+            }
+        });
+        let mut qemu = Conn::Unix(a);
+        let mut input = InputBuffer::new(stream[..10].to_vec());
+        let mut out = Vec::new();
+        // Consume in odd steps, leaving a tail each time, as the parser does.
+        let mut consumed = 10;
+        out.extend_from_slice(input.unparsed());
+        loop {
+            let got = input.read_from(&mut qemu).unwrap();
+            let unparsed = input.unparsed();
+            out.extend_from_slice(&unparsed[consumed..]);
+            let take = if got == 0 {
+                unparsed.len()
+            } else {
+                unparsed.len().saturating_sub(4_099)
+            };
+            input.consume(take);
+            consumed = input.unparsed().len();
+            if got == 0 {
+                break;
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(out.len(), stream.len());
+        assert!(out == stream);
+        // A tail never grows the buffer past a read's room beyond it.
+        assert!(input.buf.len() <= 2 * READ_CHUNK);
     }
 
     #[test]
