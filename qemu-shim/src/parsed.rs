@@ -502,7 +502,7 @@ pub(crate) fn source_main(
         }
         // Whatever QEMU wrote so far goes now: commands and device state must not wait.
         out.flush()?;
-        session.forward_wire.store(
+        session.parsed_wire.store(
             out.sender.stats().wire_bytes() + out.blob_bytes,
             Ordering::Relaxed,
         );
@@ -558,7 +558,7 @@ pub(crate) fn source_main(
         .finish()
         .map_err(|e| format!("the page transport failed: {}", full_message(&e)))?;
     session
-        .forward_wire
+        .parsed_wire
         .store(summary.stats.wire_bytes() + blob_bytes, Ordering::Relaxed);
     *session.pages.lock().expect("not poisoned") = Some(summary.stats.classes);
     *session.mode.lock().expect("not poisoned") = Some(mode);
@@ -1456,7 +1456,7 @@ pub(crate) fn destination_main(
                 blob_bytes += data.len() as u64;
                 staging.blob(tag, data);
             }
-            session.forward_wire.store(
+            session.parsed_wire.store(
                 stats.snapshot().wire_bytes() + blob_bytes,
                 Ordering::Relaxed,
             );
@@ -1490,7 +1490,7 @@ pub(crate) fn destination_main(
     qemu.shutdown(Shutdown::Write);
     session.verified.fetch_add(1, Ordering::Relaxed);
     session
-        .forward_wire
+        .parsed_wire
         .store(summary.stats.wire_bytes() + blob_bytes, Ordering::Relaxed);
     *session.pages.lock().expect("not poisoned") = Some(summary.stats.classes);
     let mut mode = rebuild

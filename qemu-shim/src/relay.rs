@@ -354,7 +354,13 @@ pub(crate) struct Session {
     pub(crate) id: [u8; 16],
     started: Instant,
     pub(crate) forward_raw: AtomicU64,
+    /// Link bytes of the QEMU connections relayed as byte streams (opaque mode, and the
+    /// multifd channels of a source QEMU in parsing mode).
     pub(crate) forward_wire: AtomicU64,
+    /// Link bytes of parsing mode's main channel (its page transport and blobs), set as they
+    /// grow: counted apart so that the relays' additions to [`Session::forward_wire`] beside
+    /// it are not overwritten.
+    pub(crate) parsed_wire: AtomicU64,
     back_raw: AtomicU64,
     back_wire: AtomicU64,
     connections: AtomicU64,
@@ -469,6 +475,7 @@ impl Session {
             started: Instant::now(),
             forward_raw: AtomicU64::new(0),
             forward_wire: AtomicU64::new(0),
+            parsed_wire: AtomicU64::new(0),
             back_raw: AtomicU64::new(0),
             back_wire: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -558,6 +565,11 @@ impl Session {
     }
 
     /// The counters of the migration stream (`true`) or of the return path.
+    /// Link bytes of the migration stream, every connection's.
+    pub(crate) fn forward_wire_bytes(&self) -> u64 {
+        self.forward_wire.load(Ordering::Relaxed) + self.parsed_wire.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn direction(&self, forward: bool) -> (&AtomicU64, &AtomicU64) {
         if forward {
             (&self.forward_raw, &self.forward_wire)
@@ -629,7 +641,7 @@ impl Session {
             elapsed: self.started.elapsed(),
             forward: Moved {
                 raw: self.forward_raw.load(Ordering::Relaxed),
-                wire: self.forward_wire.load(Ordering::Relaxed),
+                wire: self.forward_wire_bytes(),
             },
             back: Moved {
                 raw: self.back_raw.load(Ordering::Relaxed),
@@ -712,7 +724,7 @@ pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
                 return;
             }
             let raw = session.forward_raw.load(Ordering::Relaxed);
-            let wire = session.forward_wire.load(Ordering::Relaxed);
+            let wire = session.forward_wire_bytes();
             log(&format!(
                 "{side} {}: {:.1} MiB {qemu}, {:.1} MiB on the wire ({:.2}x), {:.1} MB/s",
                 session.hex(),
