@@ -621,7 +621,7 @@ fn shim(args: ShimArgs) -> Result<()> {
         shim_log: args.shim_log,
     };
     let spinner = progress::spinner("benchmarking");
-    let report = shim_bench::run(&stream, &reference, &config, |step| {
+    let report = shim_bench::run(std::sync::Arc::new(stream), &reference, &config, |step| {
         spinner.set_message(step.to_string())
     });
     spinner.finish_and_clear();

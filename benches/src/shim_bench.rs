@@ -18,7 +18,7 @@
 //! carries besides pages (configuration, section headers, device state, vmdesc), must equal
 //! what loading the recorded stream directly gives.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -236,6 +236,12 @@ pub fn load(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(format!(
+                    "reading the stream: nothing came for {} s ({e})",
+                    STALL_TIMEOUT.as_secs()
+                ));
+            }
             Err(e) => return Err(format!("reading the stream: {e}")),
         };
         stream_bytes += n as u64;
@@ -423,7 +429,7 @@ impl Hosts {
 /// Runs every method of `config` over `stream` (whose direct load is `reference`),
 /// `config.repeat` rounds, calling `progress` before each run.
 pub fn run(
-    stream: &[u8],
+    stream: Arc<Vec<u8>>,
     reference: &Loaded,
     config: &ShimBenchConfig,
     mut progress: impl FnMut(&str),
@@ -446,7 +452,6 @@ pub fn run(
     let hosts = Arc::new(Hosts { pair });
     let dir = std::env::temp_dir().join(format!("ps-bench-shim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let stream = Arc::new(stream.to_vec());
     // The loader's memory, backed once and reused: the runs measure the path, not the kernel
     // backing fresh memory.
     let mut memory = Some(block_buffers(&reference.blocks));
@@ -515,9 +520,11 @@ fn run_once(
         let listener = hosts.listen_dst()?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let loader = spawn("bench-loader", move || {
-            let (mut conn, _) = listener
-                .accept()
-                .map_err(|e| format!("loader: accept: {e}"))?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let mut conn = accept_within(STALL_TIMEOUT, || listener.accept().map(|(c, _)| c))?;
+            conn.set_nonblocking(false)
+                .and_then(|()| conn.set_read_timeout(Some(STALL_TIMEOUT)))
+                .map_err(|e| e.to_string())?;
             load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now(), thread_cpu_s()))
         });
         (loader, Target::Tcp(addr.to_string()))
@@ -525,9 +532,11 @@ fn run_once(
         let listener = UnixListener::bind(&dst_sock)
             .map_err(|e| format!("cannot listen on {}: {e}", dst_sock.display()))?;
         let loader = spawn("bench-loader", move || {
-            let (mut conn, _) = listener
-                .accept()
-                .map_err(|e| format!("loader: accept: {e}"))?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let mut conn = accept_within(STALL_TIMEOUT, || listener.accept().map(|(c, _)| c))?;
+            conn.set_nonblocking(false)
+                .and_then(|()| conn.set_read_timeout(Some(STALL_TIMEOUT)))
+                .map_err(|e| e.to_string())?;
             load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now(), thread_cpu_s()))
         });
         (loader, Target::Unix(src_sock.clone()))
@@ -676,6 +685,35 @@ fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) 
         .expect("a thread starts")
 }
 
+/// How long a stand-in waits on the other end (a connection, bytes, room to write) before it
+/// gives up: a shim that failed fails the run rather than hanging it.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Calls `try_accept` (on a nonblocking listener) until it gives a connection or `timeout`
+/// passes.
+fn accept_within<S>(
+    timeout: Duration,
+    mut try_accept: impl FnMut() -> std::io::Result<S>,
+) -> Result<S, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match try_accept() {
+            Ok(conn) => return Ok(conn),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "loader: nothing connected within {} s (did a shim fail?)",
+                        timeout.as_secs_f64()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("loader: accept: {e}")),
+        }
+    }
+}
+
 /// Where the source stand-in writes.
 enum Target {
     Tcp(String),
@@ -687,13 +725,20 @@ enum Target {
 fn write_stream(target: &Target, stream: &[u8]) -> Result<(), String> {
     const WRITE: usize = 64 << 10;
     let mut conn: Box<dyn Write> = match target {
-        Target::Tcp(addr) => Box::new(
-            TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?,
-        ),
-        Target::Unix(path) => Box::new(
-            UnixStream::connect(path)
-                .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?,
-        ),
+        Target::Tcp(addr) => {
+            let conn =
+                TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            conn.set_write_timeout(Some(STALL_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            Box::new(conn)
+        }
+        Target::Unix(path) => {
+            let conn = UnixStream::connect(path)
+                .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+            conn.set_write_timeout(Some(STALL_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            Box::new(conn)
+        }
     };
     for chunk in stream.chunks(WRITE) {
         conn.write_all(chunk)
@@ -951,6 +996,22 @@ mod tests {
         let outside = stream(Some(BLOCK_BYTES));
         let err = load(&mut &outside[..], None, Vec::new()).unwrap_err();
         assert!(err.contains("cannot load the stream at byte"), "{err}");
+    }
+
+    #[test]
+    fn a_loader_nobody_connects_to_gives_up() {
+        let dir = std::env::temp_dir().join(format!("ps-accept-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = UnixListener::bind(dir.join("s")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let started = Instant::now();
+        let err = accept_within(Duration::from_millis(50), || {
+            listener.accept().map(|(c, _)| c)
+        })
+        .unwrap_err();
+        assert!(err.contains("nothing connected within 0.05 s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
