@@ -667,8 +667,21 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
         assert!(said.contains("resumed after a failure"), "{said}");
     }
     let sent = sent.last().unwrap();
+    let shim_logs = || {
+        format!(
+            "--- source shim ---\n{}\n--- destination shim ---\n{}\n--- other side's summary ---\n{}",
+            read_log(dir, "send.log"),
+            read_log(dir, &format!("{recv_name}.log")),
+            received[0]
+        )
+    };
     for (side, summary) in [("source", sent), ("destination", &received[0])] {
-        assert_eq!(summary["completed"], true, "{side}: {summary}");
+        assert_eq!(
+            summary["completed"],
+            true,
+            "{side}: {summary}\n{}",
+            shim_logs()
+        );
         let said = summary["mode"].as_str().unwrap_or_default();
         assert!(said.starts_with(mode), "{side}: {said}");
         if tls && side == "source" {
