@@ -171,15 +171,8 @@ fn transport(args: TransportArgs) -> Result<()> {
     let link = transport_bench::parse_link(&args.link)
         .map_err(anyhow::Error::msg)
         .context("bad --link")?;
-    let channels = args
-        .channels
-        .unwrap_or_else(pagestream_transport::default_channels);
-    if channels == 0 || channels > 64 {
-        bail!("--channels must be between 1 and 64");
-    }
-    if args.repeat == 0 || args.repeat > 50 {
-        bail!("--repeat must be between 1 and 50");
-    }
+    let channels = channels_arg(args.channels)?;
+    repeat_arg(args.repeat, 50)?;
     let image = match &args.image {
         Some(path) => {
             let mut bytes = fs::read(path)
@@ -228,6 +221,23 @@ fn transport(args: TransportArgs) -> Result<()> {
     }
     if !report.verified {
         bail!("the received image differs from the one sent");
+    }
+    Ok(())
+}
+
+/// `--channels`, or one per CPU (at least 2) without it.
+fn channels_arg(channels: Option<u16>) -> Result<u16> {
+    let channels = channels.unwrap_or_else(pagestream_transport::default_channels);
+    if channels == 0 || channels > 64 {
+        bail!("--channels must be between 1 and 64");
+    }
+    Ok(channels)
+}
+
+/// Checks `--repeat` against its range, 1 to `max`.
+fn repeat_arg(repeat: u32, max: u32) -> Result<()> {
+    if repeat == 0 || repeat > max {
+        bail!("--repeat must be between 1 and {max}");
     }
     Ok(())
 }
@@ -332,9 +342,7 @@ fn qemu(args: QemuArgs) -> Result<()> {
     if args.fill >= args.mem || args.mem < 128 || args.mem > 16384 {
         bail!("--mem must be 128 to 16384 MiB and larger than --fill");
     }
-    if args.repeat == 0 || args.repeat > 20 {
-        bail!("--repeat must be between 1 and 20");
-    }
+    repeat_arg(args.repeat, 20)?;
     // A limit of 0 cancels every migration as it starts, which tells nothing about any method.
     if args.time_limit == 0 || args.time_limit > 3600 {
         bail!("--time-limit must be between 1 and 3600 seconds");
@@ -539,15 +547,8 @@ fn shim(args: ShimArgs) -> Result<()> {
     let link = transport_bench::parse_link(&args.link)
         .map_err(anyhow::Error::msg)
         .context("bad --link")?;
-    let channels = args
-        .channels
-        .unwrap_or_else(pagestream_transport::default_channels);
-    if channels == 0 || channels > 64 {
-        bail!("--channels must be between 1 and 64");
-    }
-    if args.repeat == 0 || args.repeat > 50 {
-        bail!("--repeat must be between 1 and 50");
-    }
+    let channels = channels_arg(args.channels)?;
+    repeat_arg(args.repeat, 50)?;
     let methods = args
         .methods
         .split(',')

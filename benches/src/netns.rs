@@ -16,13 +16,14 @@
 
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::delay_line::{Bottleneck, DelayLine};
+use crate::transport_bench::Link;
 
 /// How long a packet may wait in the link's queue before the queue counts as full and drops
 /// (TBF's `latency`, the delay line's [`Bottleneck::queue`]): a switch port's buffer.
@@ -273,6 +274,68 @@ impl LinkPair {
     /// Moves the calling thread into the destination namespace.
     pub fn enter_dst(&self) -> io::Result<()> {
         enter(&self.dst_ns)
+    }
+}
+
+/// Where a benchmark's two ends live: both in this network namespace on loopback, or on the
+/// two hosts of a [`LinkPair`] shaped to the link's rate.
+pub(crate) struct Hosts {
+    pair: Option<LinkPair>,
+}
+
+impl Hosts {
+    /// The hosts for `link`: a new [`LinkPair`] for a shaped link (removed when dropped).
+    pub(crate) fn new(link: &Link) -> Result<Self, String> {
+        let pair = match link {
+            Link::Loopback => None,
+            Link::Shaped { bits_per_sec, .. } => {
+                // A burst of about one timer tick at the rate, at least 64 KiB.
+                let burst = (bits_per_sec / 8 / 250).max(64 << 10);
+                Some(LinkPair::create(*bits_per_sec, burst)?)
+            }
+        };
+        Ok(Self { pair })
+    }
+
+    /// The destination's address.
+    pub(crate) fn dst_addr(&self) -> IpAddr {
+        self.pair
+            .as_ref()
+            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |p| IpAddr::V4(p.dst_addr))
+    }
+
+    /// Moves the calling thread onto the source host.
+    pub(crate) fn enter_src(&self) -> Result<(), String> {
+        match &self.pair {
+            Some(p) => p
+                .enter_src()
+                .map_err(|e| format!("cannot enter the source namespace: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves the calling thread onto the destination host.
+    pub(crate) fn enter_dst(&self) -> Result<(), String> {
+        match &self.pair {
+            Some(p) => p
+                .enter_dst()
+                .map_err(|e| format!("cannot enter the destination namespace: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// A TCP listener on the destination host, on a free port (opened from a thread of its
+    /// own, so that the caller stays where it is).
+    pub(crate) fn listen_dst(&self) -> Result<TcpListener, String> {
+        let addr = SocketAddr::new(self.dst_addr(), 0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_dst()?;
+                TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+            })
+            .join()
+            .map_err(|_| "the listening thread panicked".to_string())?
+        })
     }
 }
 

@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::machine::{CpuTimes, CpuUse, clock_ticks_per_s};
-use crate::netns::LinkPair;
+use crate::netns::Hosts;
 use crate::qemu_bench::Spread;
 use crate::transport_bench::Link;
 
@@ -381,51 +381,6 @@ pub struct ShimBenchReport {
     pub machine: String,
 }
 
-/// Where the two hosts are: loopback in this network namespace, or the two namespaces of a
-/// shaped link.
-struct Hosts {
-    pair: Option<LinkPair>,
-}
-
-impl Hosts {
-    fn dst_ip(&self) -> String {
-        self.pair
-            .as_ref()
-            .map_or("127.0.0.1".into(), |p| p.dst_addr.to_string())
-    }
-
-    fn enter_src(&self) -> Result<(), String> {
-        match &self.pair {
-            Some(p) => p
-                .enter_src()
-                .map_err(|e| format!("cannot enter the source namespace: {e}")),
-            None => Ok(()),
-        }
-    }
-
-    fn enter_dst(&self) -> Result<(), String> {
-        match &self.pair {
-            Some(p) => p
-                .enter_dst()
-                .map_err(|e| format!("cannot enter the destination namespace: {e}")),
-            None => Ok(()),
-        }
-    }
-
-    /// A TCP listener on the destination host, any free port.
-    fn listen_dst(&self) -> Result<TcpListener, String> {
-        let addr = format!("{}:0", self.dst_ip());
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                self.enter_dst()?;
-                TcpListener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
-            })
-            .join()
-            .map_err(|_| "the listening thread panicked".to_string())?
-        })
-    }
-}
-
 /// Runs every method of `config` over `stream` (whose direct load is `reference`),
 /// `config.repeat` rounds, calling `progress` before each run.
 pub fn run(
@@ -434,22 +389,17 @@ pub fn run(
     config: &ShimBenchConfig,
     mut progress: impl FnMut(&str),
 ) -> Result<ShimBenchReport, String> {
-    let (link, link_mb_s, pair) = match &config.link {
-        Link::Loopback => ("loopback".to_string(), None, None),
+    let (link, link_mb_s) = match &config.link {
+        Link::Loopback => ("loopback".to_string(), None),
         Link::Shaped {
             tc_rate,
             bits_per_sec,
         } => {
             progress("setting up the link");
-            let pair = LinkPair::create(*bits_per_sec, (bits_per_sec / 8 / 250).max(64 << 10))?;
-            (
-                tc_rate.clone(),
-                Some(*bits_per_sec as f64 / 8e6),
-                Some(pair),
-            )
+            (tc_rate.clone(), Some(*bits_per_sec as f64 / 8e6))
         }
     };
-    let hosts = Arc::new(Hosts { pair });
+    let hosts = Arc::new(Hosts::new(&config.link)?);
     let dir = std::env::temp_dir().join(format!("ps-bench-shim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     // The loader's memory, backed once and reused: the runs measure the path, not the kernel
@@ -513,34 +463,25 @@ fn run_once(
     for sock in [&dst_sock, &src_sock] {
         let _ = std::fs::remove_file(sock);
     }
-    let blocks = reference.blocks.clone();
     // The loader, on the destination host: over TCP from the source, or on a unix socket
     // from the destination shim.
-    let (loader, connect_to): (JoinHandle<_>, Target) = if method == ShimMethod::Tcp {
+    let (listener, connect_to) = if method == ShimMethod::Tcp {
         let listener = hosts.listen_dst()?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let loader = spawn("bench-loader", move || {
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let mut conn = accept_within(STALL_TIMEOUT, || listener.accept().map(|(c, _)| c))?;
-            conn.set_nonblocking(false)
-                .and_then(|()| conn.set_read_timeout(Some(STALL_TIMEOUT)))
-                .map_err(|e| e.to_string())?;
-            load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now(), thread_cpu_s()))
-        });
-        (loader, Target::Tcp(addr.to_string()))
+        (LoaderListener::Tcp(listener), Target::Tcp(addr.to_string()))
     } else {
         let listener = UnixListener::bind(&dst_sock)
             .map_err(|e| format!("cannot listen on {}: {e}", dst_sock.display()))?;
-        let loader = spawn("bench-loader", move || {
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let mut conn = accept_within(STALL_TIMEOUT, || listener.accept().map(|(c, _)| c))?;
-            conn.set_nonblocking(false)
-                .and_then(|()| conn.set_read_timeout(Some(STALL_TIMEOUT)))
-                .map_err(|e| e.to_string())?;
-            load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now(), thread_cpu_s()))
-        });
-        (loader, Target::Unix(src_sock.clone()))
+        (
+            LoaderListener::Unix(listener),
+            Target::Unix(src_sock.clone()),
+        )
     };
+    let blocks = reference.blocks.clone();
+    let loader = spawn("bench-loader", move || {
+        let mut conn = listener.accept_within(STALL_TIMEOUT)?;
+        load(&mut conn, Some(&blocks), memory).map(|l| (l, Instant::now(), thread_cpu_s()))
+    });
     let shims = if method == ShimMethod::Tcp {
         Vec::new()
     } else {
@@ -688,6 +629,35 @@ fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) 
 /// How long a stand-in waits on the other end (a connection, bytes, room to write) before it
 /// gives up: a shim that failed fails the run rather than hanging it.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the loader waits for its one connection.
+enum LoaderListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl LoaderListener {
+    /// The connection, within `timeout`, its reads giving up after `timeout` without bytes.
+    fn accept_within(self, timeout: Duration) -> Result<Box<dyn Read + Send>, String> {
+        let setup = |e: std::io::Error| format!("loader: {e}");
+        Ok(match self {
+            LoaderListener::Tcp(l) => {
+                l.set_nonblocking(true).map_err(setup)?;
+                let conn = accept_within(timeout, || l.accept().map(|(c, _)| c))?;
+                conn.set_nonblocking(false).map_err(setup)?;
+                conn.set_read_timeout(Some(timeout)).map_err(setup)?;
+                Box::new(conn)
+            }
+            LoaderListener::Unix(l) => {
+                l.set_nonblocking(true).map_err(setup)?;
+                let conn = accept_within(timeout, || l.accept().map(|(c, _)| c))?;
+                conn.set_nonblocking(false).map_err(setup)?;
+                conn.set_read_timeout(Some(timeout)).map_err(setup)?;
+                Box::new(conn)
+            }
+        })
+    }
+}
 
 /// Calls `try_accept` (on a nonblocking listener) until it gives a connection or `timeout`
 /// passes.

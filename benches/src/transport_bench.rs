@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use pagestream_transport::{
 };
 use serde::Serialize;
 
-use crate::netns::LinkPair;
+use crate::netns::Hosts;
 
 /// The link to measure over.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,49 +154,6 @@ fn mb_s(bytes: u64, secs: f64) -> f64 {
 
 fn quiet() -> Log {
     Arc::new(|_| {})
-}
-
-/// Where the two ends live.
-struct Hosts {
-    pair: Option<LinkPair>,
-}
-
-impl Hosts {
-    fn new(link: &Link) -> Result<Self, String> {
-        let pair = match link {
-            Link::Loopback => None,
-            Link::Shaped { bits_per_sec, .. } => {
-                // A burst of about one timer tick at the rate, at least 64 KiB.
-                let burst = (bits_per_sec / 8 / 250).max(64 << 10);
-                Some(LinkPair::create(*bits_per_sec, burst)?)
-            }
-        };
-        Ok(Self { pair })
-    }
-
-    fn dst_addr(&self) -> IpAddr {
-        self.pair
-            .as_ref()
-            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |p| IpAddr::V4(p.dst_addr))
-    }
-
-    fn enter_src(&self) -> Result<(), String> {
-        match &self.pair {
-            Some(p) => p
-                .enter_src()
-                .map_err(|e| format!("cannot enter the source namespace: {e}")),
-            None => Ok(()),
-        }
-    }
-
-    fn enter_dst(&self) -> Result<(), String> {
-        match &self.pair {
-            Some(p) => p
-                .enter_dst()
-                .map_err(|e| format!("cannot enter the destination namespace: {e}")),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Raw bytes over one socket; returns the seconds taken and whether the bytes arrived intact.
