@@ -446,7 +446,12 @@ fn check_migration(s: &mut Setup, send_says: &[&str], recv_says: &[&str]) -> ser
     ] {
         let status = wait_exit(p, Duration::from_secs(20)).expect("shim exits after --once");
         let text = read_log(&dir, name);
-        assert!(status.success(), "{name}: {text}");
+        assert!(
+            status.success(),
+            "{name}: {text}\n--- send.log ---\n{}\n--- recv.log ---\n{}",
+            read_log(&dir, "send.log"),
+            read_log(&dir, "recv.log")
+        );
         assert!(text.contains("completed"), "{name}: {text}");
         for said in mode {
             assert!(
@@ -1676,15 +1681,16 @@ fn bench_shim_replays_a_recorded_migration_verified() {
         serde_json::from_slice(&out.stdout).expect("one JSON report")
     };
     let record = recording.to_str().unwrap();
-    let report = bench(&["--record", record, "--mem", "256", "--fill", "64"]);
+    // A small guest: the replays keep both CPUs busy, beside the tests that run alongside.
+    let report = bench(&["--record", record, "--mem", "128", "--fill", "32"]);
     let stream_bytes = std::fs::metadata(&recording).unwrap().len();
     assert_eq!(report["stream_bytes"], stream_bytes, "{report}");
-    // The workload's 64 MiB, in pages of their own.
-    assert!(stream_bytes > 64 << 20, "{report}");
-    assert!(report["page_records"].as_u64().unwrap() > 16384, "{report}");
+    // The workload's 32 MiB, in pages of their own.
+    assert!(stream_bytes > 32 << 20, "{report}");
+    assert!(report["page_records"].as_u64().unwrap() > 8192, "{report}");
     // Guest RAM and the firmware's and devices' blocks.
     assert!(
-        report["ram_bytes"].as_u64().unwrap() >> 20 >= 256,
+        report["ram_bytes"].as_u64().unwrap() >> 20 >= 128,
         "{report}"
     );
     assert_eq!(report["verified"], true, "{report}");
