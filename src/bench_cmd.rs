@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use pagecodec::PAGE_SIZE;
 use pagestream_benches::imagegen::{self, Mix, parse_size};
 use pagestream_benches::transport_bench::{self, TransportBenchConfig, TransportBenchReport};
+use pagestream_qemu_shim::vm::QemuBuild;
 
 use crate::progress;
 
@@ -225,6 +226,34 @@ fn transport(args: TransportArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--methods`: names from `all`, comma-separated, in the order given.
+fn methods_arg<M: Copy>(text: &str, all: &[M], name: impl Fn(M) -> &'static str) -> Result<Vec<M>> {
+    text.split(',')
+        .map(|given| {
+            all.iter()
+                .copied()
+                .find(|&m| name(m) == given.trim())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = all.iter().map(|&m| name(m)).collect();
+                    anyhow::anyhow!("unknown method '{given}' (known: {})", known.join(", "))
+                })
+        })
+        .collect()
+}
+
+/// `--qemu`: "system" (qemu-system-x86_64 on the PATH) or "10" (the QEMU 10 that
+/// scripts/install-qemu10.sh unpacked under `workspace`).
+fn qemu_arg(
+    text: &str,
+    workspace: &std::path::Path,
+) -> Result<pagestream_qemu_shim::vm::QemuBuild> {
+    match text {
+        "system" => Ok(QemuBuild::System),
+        "10" => QemuBuild::qemu10(workspace).map_err(anyhow::Error::msg),
+        other => bail!("--qemu {other}: expected \"system\" or \"10\""),
+    }
+}
+
 /// `--channels`, or one per CPU (at least 2) without it.
 fn channels_arg(channels: Option<u16>) -> Result<u16> {
     let channels = channels.unwrap_or_else(pagestream_transport::default_channels);
@@ -335,7 +364,6 @@ fn print_report(r: &TransportBenchReport) {
 
 fn qemu(args: QemuArgs) -> Result<()> {
     use pagestream_benches::qemu_bench::{self, Method, QemuBenchConfig};
-    use pagestream_qemu_shim::vm::QemuBuild;
     let link = transport_bench::parse_link(&args.link)
         .map_err(anyhow::Error::msg)
         .context("bad --link")?;
@@ -350,19 +378,7 @@ fn qemu(args: QemuArgs) -> Result<()> {
     if args.rtt > 1000 {
         bail!("--rtt must be between 0 and 1000 milliseconds");
     }
-    let methods = args
-        .methods
-        .split(',')
-        .map(|name| {
-            Method::ALL
-                .into_iter()
-                .find(|m| m.name() == name.trim())
-                .ok_or_else(|| {
-                    let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
-                    anyhow::anyhow!("unknown method '{name}' (known: {})", known.join(", "))
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let methods = methods_arg(&args.methods, &Method::ALL, |m| m.name())?;
     let config = QemuBenchConfig {
         link,
         rtt: std::time::Duration::from_millis(args.rtt.into()),
@@ -374,11 +390,7 @@ fn qemu(args: QemuArgs) -> Result<()> {
         repeat: args.repeat,
         shim_log: args.shim_log,
         prealloc_destination: args.prealloc_destination,
-        qemu: match args.qemu.as_str() {
-            "system" => QemuBuild::System,
-            "10" => QemuBuild::qemu10(&std::env::current_dir()?).map_err(anyhow::Error::msg)?,
-            other => anyhow::bail!("--qemu {other}: expected \"system\" or \"10\""),
-        },
+        qemu: qemu_arg(&args.qemu, &std::env::current_dir()?)?,
     };
     let workspace = std::env::current_dir()?;
     let spinner = progress::spinner("benchmarking");
@@ -543,25 +555,12 @@ median (range) of {} rounds:",
 
 fn shim(args: ShimArgs) -> Result<()> {
     use pagestream_benches::shim_bench::{self, RecordConfig, ShimBenchConfig, ShimMethod};
-    use pagestream_qemu_shim::vm::QemuBuild;
     let link = transport_bench::parse_link(&args.link)
         .map_err(anyhow::Error::msg)
         .context("bad --link")?;
     let channels = channels_arg(args.channels)?;
     repeat_arg(args.repeat, 50)?;
-    let methods = args
-        .methods
-        .split(',')
-        .map(|name| {
-            ShimMethod::ALL
-                .into_iter()
-                .find(|m| m.name() == name.trim())
-                .ok_or_else(|| {
-                    let known: Vec<&str> = ShimMethod::ALL.iter().map(|m| m.name()).collect();
-                    anyhow::anyhow!("unknown method '{name}' (known: {})", known.join(", "))
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let methods = methods_arg(&args.methods, &ShimMethod::ALL, |m| m.name())?;
     let workspace = std::env::current_dir()?;
     let stream = match &args.stream {
         Some(path) => {
@@ -575,11 +574,7 @@ fn shim(args: ShimArgs) -> Result<()> {
                 memory_mib: args.mem,
                 fill_mib: args.fill,
                 dirty_rate: args.dirty_rate,
-                qemu: match args.qemu.as_str() {
-                    "system" => QemuBuild::System,
-                    "10" => QemuBuild::qemu10(&workspace).map_err(anyhow::Error::msg)?,
-                    other => bail!("--qemu {other}: expected \"system\" or \"10\""),
-                },
+                qemu: qemu_arg(&args.qemu, &workspace)?,
             };
             let (path, keep) = match &args.record {
                 Some(path) => (path.clone(), true),
