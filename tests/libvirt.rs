@@ -616,8 +616,10 @@ fn migrate_with_virsh(case: VirshCase<'_>) {
     };
     assert!(
         out.status.success() || libvirt_reported_a_completed_resume_failed,
-        "virsh migrate: {}\n--- source shim ---\n{}\n--- destination shim ---\n{}\n{}\n{}",
+        "virsh migrate: {}\n--- the source's last migration job (QEMU's error) ---\n{}\n\
+         --- source shim ---\n{}\n--- destination shim ---\n{}\n{}\n{}",
         stderr(&out),
+        String::from_utf8_lossy(&src.virsh(&["domjobinfo", DOMAIN, "--completed"]).stdout),
         read_log(dir, "send.log"),
         read_log(dir, &format!("{recv_name}.log")),
         src.logs(),

@@ -48,9 +48,10 @@ use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
 use crate::multifd::{self, MultifdOut};
 use crate::relay::{
     Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, Watch, WatchedReader,
-    WatchedWriter, connect_destination, connect_qemu,
+    WatchedWriter, connect_destination, connect_qemu, qemu_read_error,
 };
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
+use crate::stream_end::{EndWatch, StreamEnd};
 
 /// First byte of a blob: the RAM block list.
 const BLOB_BLOCKS: u8 = 1;
@@ -1008,6 +1009,8 @@ struct Rebuild<'a> {
     qemu_reads: bool,
     /// Record headers of the group being written (kept for its capacity).
     headers: Vec<u8>,
+    /// The stream's bytes other than pages, as written, for its end.
+    end: EndWatch,
 }
 
 impl Rebuild<'_> {
@@ -1044,7 +1047,7 @@ impl Rebuild<'_> {
     fn flush(&mut self) -> Result<(), String> {
         self.out.flush().map_err(qemu_write_error)?;
         self.session
-            .forward_raw
+            .parsed_raw
             .store(self.written, Ordering::Relaxed);
         Ok(())
     }
@@ -1103,6 +1106,12 @@ impl Rebuild<'_> {
                 self.out.write_all(body).map_err(qemu_write_error)?;
                 self.written += body.len() as u64;
                 self.flush()?;
+                // The stream's last bytes are among these: once they are QEMU's, a multifd
+                // channel it closes is closed after the end (`relay::ClosedAfterEnd`).
+                self.end.feed(body);
+                if self.end.verdict() == StreamEnd::Finished {
+                    self.session.stream_delivered.store(true, Ordering::SeqCst);
+                }
                 if !self.qemu_reads && self.multifd.is_some() {
                     self.wait_until_qemu_reads()?;
                 }
@@ -1403,6 +1412,7 @@ pub(crate) fn destination_main(
         pages_since_sync: false,
         qemu_reads: false,
         headers: Vec::new(),
+        end: EndWatch::new(),
     };
     let stats = Arc::new(SessionStats::new(usize::from(channels)));
     let mut blob_bytes = 0u64;
@@ -1542,15 +1552,18 @@ pub(crate) fn destination_return_path(
             std::thread::spawn(move || link::from_link(&mut link_in, &mut io::sink(), |_, _| {}));
         let mut link_out = link;
         let (raw, wire) = session.direction(false);
-        let mut from_qemu = WatchedReader {
-            inner: &mut qemu,
-            watch: Watch::ReturnPath(session),
-        };
+        let mut from_qemu = WatchedReader::new(&mut qemu, Watch::ReturnPath(session));
         link::to_link(&mut from_qemu, &mut link_out, Compression::Lz4, |r, w| {
             raw.fetch_add(r, Ordering::Relaxed);
             wire.fetch_add(w, Ordering::Relaxed);
         })
-        .map_err(|e| format!("to the other shim: {}", link::link_error(&e)))?;
+        .map_err(|e| {
+            if from_qemu.failed {
+                qemu_read_error(&e, false)
+            } else {
+                format!("to the other shim: {}", link::link_error(&e))
+            }
+        })?;
         let _ = link_out.shutdown(Shutdown::Write);
         drain
             .join()

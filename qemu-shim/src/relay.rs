@@ -249,6 +249,10 @@ pub struct Summary {
     /// `None`: they cannot tell (QEMU's own TLS; a stream that ends in a bare EOF byte; parsing
     /// mode's destination when the source could not tell either).
     pub source_finished: Option<bool>,
+    /// Destination: connections the destination QEMU closed once the migration was over,
+    /// without reading their last bytes (QEMU 7.2's multifd channels end with a packet the
+    /// destination need not read).
+    pub closed_after_end: u32,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -276,6 +280,7 @@ impl Summary {
             "pages": pages,
             "destination_loaded": self.destination_loaded,
             "source_finished": self.source_finished,
+            "closed_after_end": self.closed_after_end,
             "error": self.error,
         })
     }
@@ -330,6 +335,14 @@ impl Summary {
                 "\n  the destination QEMU did not confirm on its return path that it loaded it"
             });
         }
+        if self.closed_after_end > 0 {
+            text.push_str(&format!(
+                "\n  the destination QEMU closed {} connection(s) once the migration was over, \
+                 before reading their last bytes (QEMU 7.2 ends each multifd channel with a \
+                 packet it need not read)",
+                self.closed_after_end
+            ));
+        }
         if let Some(e) = &self.error {
             text.push_str(&format!("\n  error: {e}"));
         }
@@ -361,6 +374,9 @@ pub(crate) struct Session {
     /// grow: counted apart so that the relays' additions to [`Session::forward_wire`] beside
     /// it are not overwritten.
     pub(crate) parsed_wire: AtomicU64,
+    /// Destination, parsing mode: bytes of the rebuilt main channel written to QEMU, set as
+    /// they grow, apart from [`Session::forward_raw`] for the same reason.
+    pub(crate) parsed_raw: AtomicU64,
     back_raw: AtomicU64,
     back_wire: AtomicU64,
     connections: AtomicU64,
@@ -400,6 +416,16 @@ pub(crate) struct Session {
     /// Source: the main channel runs in parsing mode. Its stream showed no postcopy, so its QEMU
     /// opens no [`StreamKind::Unannounced`] connection.
     pub(crate) parsing: AtomicBool,
+    /// Destination, parsing mode: the stream handed to QEMU ends as a whole migration's does
+    /// (its device description, or its last footer and EOF, written).
+    pub(crate) stream_delivered: AtomicBool,
+    /// Destination, opaque mode: the destination QEMU closed its end of the main channel.
+    destination_main_closed: AtomicBool,
+    /// Destination: connections that QEMU closed once the migration was over, before reading
+    /// their last bytes ([`ClosedAfterEnd`]).
+    closed_after_end: AtomicU64,
+    /// How long a connection that QEMU closed waits for the migration to show it was over.
+    after_end_wait: Duration,
 }
 
 /// The QEMU connections a source session took: whose they are, and which. A source shim
@@ -476,6 +502,7 @@ impl Session {
             forward_raw: AtomicU64::new(0),
             forward_wire: AtomicU64::new(0),
             parsed_wire: AtomicU64::new(0),
+            parsed_raw: AtomicU64::new(0),
             back_raw: AtomicU64::new(0),
             back_wire: AtomicU64::new(0),
             connections: AtomicU64::new(0),
@@ -497,7 +524,25 @@ impl Session {
             return_path: Mutex::new(ReturnPathWatch::default()),
             stream_end: Mutex::new(EndWatch::new()),
             stream_told: Mutex::new(None),
+            stream_delivered: AtomicBool::new(false),
+            destination_main_closed: AtomicBool::new(false),
+            closed_after_end: AtomicU64::new(0),
+            after_end_wait: AFTER_END_WAIT,
         })
+    }
+
+    /// Whether the migration is over at the destination QEMU: the whole stream was handed to
+    /// it (by its last bytes, which both modes read), or, where those cannot be read (QEMU's
+    /// own TLS), QEMU closed its main channel.
+    fn over_at_destination(&self) -> bool {
+        if self.stream_delivered.load(Ordering::SeqCst) {
+            return true;
+        }
+        match self.stream_end.lock().expect("not poisoned").verdict() {
+            StreamEnd::Finished => true,
+            StreamEnd::Cut => false,
+            StreamEnd::Unknown => self.destination_main_closed.load(Ordering::SeqCst),
+        }
     }
 
     /// Shuts `kill` down too if the migration fails.
@@ -564,12 +609,17 @@ impl Session {
         self.changed.notify_all();
     }
 
-    /// The counters of the migration stream (`true`) or of the return path.
     /// Link bytes of the migration stream, every connection's.
     pub(crate) fn forward_wire_bytes(&self) -> u64 {
         self.forward_wire.load(Ordering::Relaxed) + self.parsed_wire.load(Ordering::Relaxed)
     }
 
+    /// Raw bytes of the migration stream, every connection's.
+    pub(crate) fn forward_raw_bytes(&self) -> u64 {
+        self.forward_raw.load(Ordering::Relaxed) + self.parsed_raw.load(Ordering::Relaxed)
+    }
+
+    /// The counters of the migration stream (`true`) or of the return path.
     pub(crate) fn direction(&self, forward: bool) -> (&AtomicU64, &AtomicU64) {
         if forward {
             (&self.forward_raw, &self.forward_wire)
@@ -640,7 +690,7 @@ impl Session {
             connections: self.connections.load(Ordering::Relaxed) as u32,
             elapsed: self.started.elapsed(),
             forward: Moved {
-                raw: self.forward_raw.load(Ordering::Relaxed),
+                raw: self.forward_raw_bytes(),
                 wire: self.forward_wire_bytes(),
             },
             back: Moved {
@@ -651,6 +701,7 @@ impl Session {
             pages: *self.pages.lock().expect("not poisoned"),
             destination_loaded,
             source_finished,
+            closed_after_end: self.closed_after_end.load(Ordering::Relaxed) as u32,
             // What this shim saw first; then how the source's stream ended; then what the
             // destination QEMU said (the only word where the stream's end cannot tell).
             error: failed
@@ -723,7 +774,7 @@ pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
             if session.main_done.load(Ordering::SeqCst) {
                 return;
             }
-            let raw = session.forward_raw.load(Ordering::Relaxed);
+            let raw = session.forward_raw_bytes();
             let wire = session.forward_wire_bytes();
             log(&format!(
                 "{side} {}: {:.1} MiB {qemu}, {:.1} MiB on the wire ({:.2}x), {:.1} MB/s",
@@ -783,13 +834,145 @@ impl Watch<'_> {
 pub(crate) struct WatchedReader<'a, R> {
     pub(crate) inner: R,
     pub(crate) watch: Watch<'a>,
+    /// Whether a read from `inner` failed: an error from the copy then belongs to this side,
+    /// not to the link it copies to.
+    pub(crate) failed: bool,
+}
+
+impl<'a, R> WatchedReader<'a, R> {
+    pub(crate) fn new(inner: R, watch: Watch<'a>) -> Self {
+        WatchedReader {
+            inner,
+            watch,
+            failed: false,
+        }
+    }
 }
 
 impl<R: Read> Read for WatchedReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = self.inner.read(buf).inspect_err(|e| {
+            self.failed |= e.kind() != io::ErrorKind::Interrupted;
+        })?;
         self.watch.feed(&buf[..n]);
         Ok(n)
+    }
+}
+
+/// How long a connection that the destination QEMU closed waits for the migration to show it
+/// was over ([`ClosedAfterEnd`]). QEMU closes its main channel, and the shim has handed it the
+/// stream's last bytes, within milliseconds of its multifd channels' cleanup.
+const AFTER_END_WAIT: Duration = Duration::from_secs(3);
+
+/// A connection of the destination QEMU other than its main channel, which QEMU may close
+/// before reading its last bytes once the migration is over.
+///
+/// QEMU 7.2's multifd source sends each channel one more packet after the final sync, an empty
+/// one: a sync that finds pages pending queues two jobs, and the channel's thread sends the
+/// pages and the sync flag in the first packet and nothing in the second. The destination's
+/// thread may or may not read it before the migration's cleanup closes the channel. Then
+/// QEMU resets the connection (bytes unread), or the relay's write of that packet finds it
+/// closed. Natively the source QEMU is done with the channel by then and never hears of it.
+///
+/// The relay forgives QEMU's closing (a reset, a broken pipe) only once the migration is over
+/// at the destination ([`Session::over_at_destination`]), waiting up to [`AFTER_END_WAIT`] for
+/// it to show: it drops the rest of what comes for that connection and ends it toward the
+/// other shim as usual. Closed any earlier, the connection failed, and so does the session:
+/// the source QEMU must hear of it, as it would without the shims.
+struct ClosedAfterEnd<'a> {
+    session: &'a Session,
+    /// QEMU's closing was forgiven: what comes for it goes nowhere.
+    forgiven: AtomicBool,
+}
+
+impl ClosedAfterEnd<'_> {
+    /// Whether an error on QEMU's side of the connection is QEMU closing it after the end.
+    fn forgives(&self, e: &io::Error) -> bool {
+        if self.forgiven.load(Ordering::SeqCst) {
+            return true;
+        }
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            return false;
+        }
+        let deadline = Instant::now() + self.session.after_end_wait;
+        loop {
+            if self.session.failed().is_some() {
+                return false;
+            }
+            if self.session.over_at_destination() {
+                self.forgiven.store(true, Ordering::SeqCst);
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Writes to a destination QEMU's connection; once QEMU closed it after the end, drops what
+/// comes ([`ClosedAfterEnd`]).
+struct ForgivingWriter<'a, 'b, W> {
+    inner: W,
+    closed: Option<&'a ClosedAfterEnd<'b>>,
+}
+
+impl<W: Write> Write for ForgivingWriter<'_, '_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(closed) = self.closed
+            && closed.forgiven.load(Ordering::SeqCst)
+        {
+            return Ok(buf.len());
+        }
+        match self.inner.write(buf) {
+            Err(e) if self.closed.is_some_and(|c| c.forgives(&e)) => Ok(buf.len()),
+            written => written,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.inner.flush() {
+            Err(e) if self.closed.is_some_and(|c| c.forgives(&e)) => Ok(()),
+            flushed => flushed,
+        }
+    }
+}
+
+/// Reads from a destination QEMU's connection; QEMU closing it after the end ends it
+/// ([`ClosedAfterEnd`]).
+struct ForgivingReader<'a, 'b, R> {
+    inner: R,
+    closed: Option<&'a ClosedAfterEnd<'b>>,
+}
+
+impl<R: Read> Read for ForgivingReader<'_, '_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Err(e) if self.closed.is_some_and(|c| c.forgives(&e)) => Ok(0),
+            read => read,
+        }
+    }
+}
+
+/// What a failed read from this side's QEMU means (`forward`: its migration stream, at the
+/// source; otherwise its return path, at the destination). A QEMU that closes a connection
+/// while bytes sent to it wait unread resets it.
+pub(crate) fn qemu_read_error(e: &io::Error, forward: bool) -> String {
+    let (qemu, what) = if forward {
+        ("source", "migration stream")
+    } else {
+        ("destination", "return path")
+    };
+    match e.kind() {
+        io::ErrorKind::ConnectionReset => format!(
+            "the {qemu} QEMU reset the connection of its {what} (it closed it with bytes sent \
+             to it still unread) ({e})"
+        ),
+        _ => format!("reading the {qemu} QEMU's {what} failed: {e}"),
     }
 }
 
@@ -861,62 +1044,99 @@ fn relay(
                 let _ = l.shutdown(Shutdown::Both);
             }));
     }
-    let incoming = {
-        let session = session.clone();
-        spawn_named("ps-link-in", move || -> Result<(), String> {
-            let (raw, wire) = session.direction(!forward);
-            // What comes from the link: the return path on the source shim, the migration
-            // stream on the destination shim.
-            let mut to_qemu = WatchedWriter {
-                inner: &mut qemu_out,
-                watch: Watch::of(&session, main, !forward),
-                failed: false,
-            };
-            let copied = link::from_link(&mut link_in, &mut to_qemu, |r, w| {
-                raw.fetch_add(r, Ordering::Relaxed);
-                wire.fetch_add(w, Ordering::Relaxed);
-            });
-            let qemu_failed = to_qemu.failed;
-            copied.map_err(|e| {
-                let why = if qemu_failed && !forward {
-                    crate::parsed::qemu_write_error(e)
-                } else if qemu_failed {
-                    return_path_write_error(&e)
-                } else {
-                    format!("from the other shim: {}", link::link_error(&e))
-                };
-                // Fail the session now: the other direction may be blocked reading a QEMU that
-                // will never send again, and must be woken.
-                session.fail(why.clone());
-                why
-            })?;
-            session.verified.fetch_add(1, Ordering::Relaxed);
-            // The other side is done sending: pass the end on to QEMU.
-            qemu_out.shutdown(Shutdown::Write);
-            Ok(())
-        })
-    };
-    let mut link_out = link;
-    let (raw, wire) = session.direction(forward);
-    let mut from_qemu = WatchedReader {
-        inner: prefix.as_slice().chain(&mut qemu),
-        watch: Watch::of(session, main, forward),
-    };
-    let outgoing = link::to_link(&mut from_qemu, &mut link_out, compression, |r, w| {
-        raw.fetch_add(r, Ordering::Relaxed);
-        wire.fetch_add(w, Ordering::Relaxed);
-    })
-    .map_err(|e| {
-        let why = format!("to the other shim: {}", link::link_error(&e));
-        session.fail(why.clone());
-        why
+    // The destination QEMU may close a connection other than its main channel once the
+    // migration is over, before reading its last bytes.
+    let closed_after_end = (!forward && !main).then(|| ClosedAfterEnd {
+        session,
+        forgiven: AtomicBool::new(false),
     });
-    let _ = link_out.shutdown(Shutdown::Write);
-    let incoming = incoming
-        .join()
-        .unwrap_or_else(|_| Err("relay thread panicked".into()));
+    let closed_after_end = closed_after_end.as_ref();
+    let (outgoing, incoming) = std::thread::scope(|scope| {
+        // What comes from the link: the return path on the source shim, the migration stream
+        // on the destination shim.
+        let spawned = std::thread::Builder::new()
+            .name("ps-link-in".into())
+            .spawn_scoped(scope, || -> Result<(), String> {
+                let (raw, wire) = session.direction(!forward);
+                let mut to_qemu = WatchedWriter {
+                    inner: ForgivingWriter {
+                        inner: &mut qemu_out,
+                        closed: closed_after_end,
+                    },
+                    watch: Watch::of(session, main, !forward),
+                    failed: false,
+                };
+                let copied = link::from_link(&mut link_in, &mut to_qemu, |r, w| {
+                    raw.fetch_add(r, Ordering::Relaxed);
+                    wire.fetch_add(w, Ordering::Relaxed);
+                });
+                let qemu_failed = to_qemu.failed;
+                copied.map_err(|e| {
+                    let why = if qemu_failed && !forward {
+                        crate::parsed::qemu_write_error(e)
+                    } else if qemu_failed {
+                        return_path_write_error(&e)
+                    } else {
+                        format!("from the other shim: {}", link::link_error(&e))
+                    };
+                    // Fail the session now: the other direction may be blocked reading a QEMU
+                    // that will never send again, and must be woken.
+                    session.fail(why.clone());
+                    why
+                })?;
+                session.verified.fetch_add(1, Ordering::Relaxed);
+                // The other side is done sending: pass the end on to QEMU.
+                qemu_out.shutdown(Shutdown::Write);
+                Ok(())
+            });
+        let incoming = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                let why = format!("cannot start a thread: {e}");
+                session.fail(why.clone());
+                return (Err(why.clone()), Err(why));
+            }
+        };
+        let mut link_out = &link;
+        let (raw, wire) = session.direction(forward);
+        let mut from_qemu = WatchedReader::new(
+            ForgivingReader {
+                inner: prefix.as_slice().chain(&mut qemu),
+                closed: closed_after_end,
+            },
+            Watch::of(session, main, forward),
+        );
+        let outgoing = link::to_link(&mut from_qemu, &mut link_out, compression, |r, w| {
+            raw.fetch_add(r, Ordering::Relaxed);
+            wire.fetch_add(w, Ordering::Relaxed);
+        })
+        .map_err(|e| {
+            let why = if from_qemu.failed {
+                qemu_read_error(&e, forward)
+            } else {
+                format!("to the other shim: {}", link::link_error(&e))
+            };
+            session.fail(why.clone());
+            why
+        });
+        if outgoing.is_ok() && main && !forward {
+            // The destination QEMU closed its main channel.
+            session
+                .destination_main_closed
+                .store(true, Ordering::SeqCst);
+        }
+        let _ = link.shutdown(Shutdown::Write);
+        let incoming = incoming
+            .join()
+            .unwrap_or_else(|_| Err("relay thread panicked".into()));
+        (outgoing, incoming)
+    });
     outgoing?;
-    incoming
+    incoming?;
+    if closed_after_end.is_some_and(|c| c.forgiven.load(Ordering::SeqCst)) {
+        session.closed_after_end.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// What the source shim needs.
@@ -1638,22 +1858,49 @@ mod tests {
     use super::*;
 
     /// A relay between a "QEMU" (one end of a unix socket pair) and a link (a loopback TCP
-    /// pair) whose other shim sends `stream` and then its end marker, on the destination side;
-    /// returns the session's failure, the one its summary reports.
-    fn relay_to_destination_qemu(stream: &[u8], qemu_gone: bool, link_cut: bool) -> Option<String> {
+    /// pair) whose other shim sends `stream` and then its end marker, on the destination side,
+    /// for a multifd channel; `over`: the migration is over at the destination already. Returns
+    /// the session's failure (the one its summary reports) and the session.
+    fn relay_to_destination_qemu(
+        stream: &[u8],
+        qemu: TestQemu,
+        link_cut: bool,
+        over: bool,
+    ) -> (Option<String>, Arc<Session>) {
         let (qemu_side, qemu_peer) = UnixStream::pair().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut other_shim = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (link, _) = listener.accept().unwrap();
-        if qemu_gone {
-            drop(qemu_peer);
-        } else {
+        let expected = stream.len();
+        match qemu {
+            TestQemu::Gone => drop(qemu_peer),
             // A QEMU that takes everything and sends nothing back.
-            std::thread::spawn(move || {
-                let mut peer = qemu_peer;
-                let _ = peer.shutdown(Shutdown::Write);
-                let _ = io::copy(&mut peer, &mut io::sink());
-            });
+            TestQemu::Loads => {
+                std::thread::spawn(move || {
+                    let mut peer = qemu_peer;
+                    let _ = peer.shutdown(Shutdown::Write);
+                    let _ = io::copy(&mut peer, &mut io::sink());
+                });
+            }
+            // One that closes the connection once the whole stream waits in it, unread.
+            TestQemu::ClosesUnread => {
+                std::thread::spawn(move || {
+                    use std::os::fd::AsRawFd;
+                    loop {
+                        let mut waiting: libc::c_int = 0;
+                        // SAFETY: an open socket; FIONREAD writes one int.
+                        let rc = unsafe {
+                            libc::ioctl(qemu_peer.as_raw_fd(), libc::FIONREAD, &mut waiting)
+                        };
+                        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+                        if usize::try_from(waiting).unwrap_or(0) >= expected {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    drop(qemu_peer);
+                });
+            }
         }
         let data = stream.to_vec();
         let sender = std::thread::spawn(move || {
@@ -1671,7 +1918,9 @@ mod tests {
             let _ = other_shim.shutdown(Shutdown::Write);
             let _ = io::copy(&mut other_shim, &mut io::sink());
         });
-        let session = Session::new([1; 16]);
+        let mut session = Session::new([1; 16]);
+        Arc::get_mut(&mut session).unwrap().after_end_wait = Duration::from_millis(100);
+        session.stream_delivered.store(over, Ordering::SeqCst);
         let outcome = relay(
             Conn::Unix(qemu_side),
             Vec::new(),
@@ -1683,22 +1932,107 @@ mod tests {
         );
         sender.join().unwrap();
         assert_eq!(outcome.is_ok(), session.failed().is_none(), "{outcome:?}");
-        session.failed()
+        (session.failed(), session)
     }
 
-    /// A destination QEMU that closed its connection fails the relay's writes: the error says
-    /// QEMU closed it (and where to look), not that the other shim failed.
+    /// How the destination QEMU of [`relay_to_destination_qemu`] behaves.
+    #[derive(Clone, Copy)]
+    enum TestQemu {
+        Loads,
+        Gone,
+        ClosesUnread,
+    }
+
+    /// A destination QEMU that closed its connection mid-migration fails the relay's writes,
+    /// and one that closed it with bytes unread fails its reads: the error says QEMU closed it
+    /// (and where to look), not that the other shim failed.
     #[test]
     fn a_relay_names_the_side_that_failed() {
         let stream = vec![0x5a; 4 << 20];
-        assert_eq!(relay_to_destination_qemu(&stream, false, false), None);
-        let err = relay_to_destination_qemu(&stream, true, false).unwrap();
+        let relay = |stream: &[u8], qemu, link_cut| {
+            relay_to_destination_qemu(stream, qemu, link_cut, false).0
+        };
+        assert_eq!(relay(&stream, TestQemu::Loads, false), None);
+        let err = relay(&stream, TestQemu::Gone, false).unwrap();
         assert!(
             err.contains("the destination QEMU closed the migration connection"),
             "{err}"
         );
-        let err = relay_to_destination_qemu(&stream, false, true).unwrap();
+        // A stream that fits in the socket's buffer: written whole, then reset.
+        let err = relay(&stream[..4096], TestQemu::ClosesUnread, false).unwrap();
+        assert!(
+            err.contains("the destination QEMU reset the connection of its return path"),
+            "{err}"
+        );
+        let err = relay(&stream, TestQemu::Loads, true).unwrap();
         assert!(err.starts_with("from the other shim: "), "{err}");
+    }
+
+    /// When a destination QEMU's closing of a multifd channel comes after the end: the stream
+    /// handed to it ends as a finished migration's (parsing mode says so itself), or, where its
+    /// bytes say nothing (QEMU's own TLS), QEMU closed its main channel too. A stream that was
+    /// cut is never over, whatever QEMU closed.
+    #[test]
+    fn the_end_at_the_destination_is_told_by_the_stream_or_the_main_channel() {
+        use crate::stream::{CONFIGURATION, SECTION_EOF, VMDESCRIPTION};
+        let mut opening = b"QEVM\0\0\0\x03".to_vec();
+        opening.push(CONFIGURATION);
+        opening.extend_from_slice(&4u32.to_be_bytes());
+        opening.extend_from_slice(b"pc-q");
+        let json = b"{\"page_size\":4096}";
+        let mut end = vec![SECTION_EOF, VMDESCRIPTION];
+        end.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        end.extend_from_slice(json);
+        let over = |bytes: &[&[u8]], main_closed: bool| {
+            let session = Session::new([2; 16]);
+            for b in bytes {
+                session.stream_end.lock().unwrap().feed(b);
+            }
+            session
+                .destination_main_closed
+                .store(main_closed, Ordering::SeqCst);
+            session.over_at_destination()
+        };
+        assert!(over(&[&opening, &[7; 100], &end], false));
+        assert!(!over(&[&opening, &[7; 100]], false));
+        assert!(!over(&[&opening, &[7; 100]], true), "a cut stream");
+        // TLS records: nothing to read in them.
+        let tls = [0x16, 0x03, 0x03, 0x00, 0x40];
+        assert!(!over(&[&tls, &[9; 64]], false));
+        assert!(over(&[&tls, &[9; 64]], true));
+        let parsed = Session::new([3; 16]);
+        assert!(!parsed.over_at_destination());
+        parsed.stream_delivered.store(true, Ordering::SeqCst);
+        assert!(parsed.over_at_destination());
+    }
+
+    /// Once the migration is over at the destination, QEMU closing a multifd channel before
+    /// reading its last bytes (QEMU 7.2's trailing packet) ends that connection cleanly: the
+    /// rest is dropped, the link's stream still verified, and the summary counts it.
+    #[test]
+    fn a_multifd_channel_closed_after_the_end_is_no_failure() {
+        let stream = vec![0x5a; 4 << 20];
+        for (qemu, stream) in [
+            (TestQemu::ClosesUnread, &stream[..4096]),
+            (TestQemu::Gone, &stream[..]),
+        ] {
+            let (failed, session) = relay_to_destination_qemu(stream, qemu, false, true);
+            assert_eq!(failed, None);
+            let summary = session.summary();
+            assert_eq!(summary.verified, 1);
+            assert_eq!(summary.closed_after_end, 1);
+            assert!(
+                summary
+                    .render("destination shim")
+                    .contains("closed 1 connection(s) once the migration was over"),
+                "{}",
+                summary.render("destination shim")
+            );
+        }
+        // One QEMU reads whole counts nothing.
+        let (failed, session) = relay_to_destination_qemu(&stream, TestQemu::Loads, false, true);
+        assert_eq!(failed, None);
+        assert_eq!(session.summary().closed_after_end, 0);
     }
 
     #[test]
@@ -1833,6 +2167,7 @@ mod tests {
             pages: Some(pages),
             destination_loaded: Some(true),
             source_finished: Some(true),
+            closed_after_end: 2,
             error: None,
         };
         let json = summary.to_json("source shim");
@@ -1848,10 +2183,15 @@ mod tests {
         assert_eq!(json["error"], serde_json::Value::Null);
         assert_eq!(json["destination_loaded"], true);
         assert_eq!(json["source_finished"], true);
+        assert_eq!(json["closed_after_end"], 2);
+        let text = summary.render("source shim");
         assert!(
-            summary
-                .render("source shim")
-                .contains("the source QEMU finished its stream")
+            text.contains("the source QEMU finished its stream"),
+            "{text}"
+        );
+        assert!(
+            text.contains("closed 2 connection(s) once the migration was over"),
+            "{text}"
         );
         let failed = Summary {
             error: Some("the other shim stopped answering".into()),
