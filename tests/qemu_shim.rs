@@ -1663,6 +1663,31 @@ fn a_tls_migration_with_multifd_is_carried_opaque() {
     migrate_and_verify(s, says, &[OPAQUE, "3 QEMU connection(s)"]);
 }
 
+/// QEMU 10 under TLS with multifd: its source ends every multifd channel's TLS session with a
+/// close_notify once the migration completed (QEMU 7.2 did not), which may reach a destination
+/// QEMU that has closed the channel already.
+#[test]
+fn a_qemu10_tls_migration_with_multifd_is_carried_opaque() {
+    let sides = Sides {
+        tls: true,
+        qemu10: true,
+        ..Sides::default()
+    };
+    let s = setup_sides(
+        "qemu10-tls-multifd",
+        &[("multifd", true)],
+        json!({ "multifd-channels": 2 }),
+        2000,
+        sides,
+    );
+    let says = &[
+        OPAQUE,
+        "QEMU's TLS encrypts the stream",
+        "3 QEMU connection(s)",
+    ];
+    migrate_and_verify(s, says, &[OPAQUE, "3 QEMU connection(s)"]);
+}
+
 /// `pagestream bench shim`: records a live migration of the test guest to a file, then replays
 /// it through the shims on loopback and over an emulated link, every run verified against the
 /// recording (memory and device state as the loader ends with them).
