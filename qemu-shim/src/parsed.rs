@@ -48,7 +48,7 @@ use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
 use crate::multifd::{self, MultifdOut};
 use crate::relay::{
     Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, Watch, WatchedReader,
-    WatchedWriter, connect_destination, connect_qemu, qemu_read_error,
+    WatchedWriter, connect_destination, connect_qemu,
 };
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
 use crate::stream_end::{EndWatch, StreamEnd};
@@ -1557,13 +1557,7 @@ pub(crate) fn destination_return_path(
             raw.fetch_add(r, Ordering::Relaxed);
             wire.fetch_add(w, Ordering::Relaxed);
         })
-        .map_err(|e| {
-            if from_qemu.failed {
-                qemu_read_error(&e, false)
-            } else {
-                format!("to the other shim: {}", link::link_error(&e))
-            }
-        })?;
+        .map_err(|e| from_qemu.copy_error(&e, false))?;
         let _ = link_out.shutdown(Shutdown::Write);
         drain
             .join()

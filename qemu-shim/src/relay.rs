@@ -847,6 +847,16 @@ impl<'a, R> WatchedReader<'a, R> {
             failed: false,
         }
     }
+
+    /// What an error of a copy from this reader to the other shim means: QEMU's, if the read
+    /// failed (`forward`: QEMU's migration stream, else its return path), else the link's.
+    pub(crate) fn copy_error(&self, e: &io::Error, forward: bool) -> String {
+        if self.failed {
+            qemu_read_error(e, forward)
+        } else {
+            format!("to the other shim: {}", link::link_error(e))
+        }
+    }
 }
 
 impl<R: Read> Read for WatchedReader<'_, R> {
@@ -961,7 +971,7 @@ impl<R: Read> Read for ForgivingReader<'_, '_, R> {
 /// What a failed read from this side's QEMU means (`forward`: its migration stream, at the
 /// source; otherwise its return path, at the destination). A QEMU that closes a connection
 /// while bytes sent to it wait unread resets it.
-pub(crate) fn qemu_read_error(e: &io::Error, forward: bool) -> String {
+fn qemu_read_error(e: &io::Error, forward: bool) -> String {
     let (qemu, what) = if forward {
         ("source", "migration stream")
     } else {
@@ -1111,11 +1121,7 @@ fn relay(
             wire.fetch_add(w, Ordering::Relaxed);
         })
         .map_err(|e| {
-            let why = if from_qemu.failed {
-                qemu_read_error(&e, forward)
-            } else {
-                format!("to the other shim: {}", link::link_error(&e))
-            };
+            let why = from_qemu.copy_error(&e, forward);
             session.fail(why.clone());
             why
         });
