@@ -609,7 +609,7 @@ fn source_return_path(
         .map_err(|e| format!("return path: {e}"))?;
     let mut qemu_out = qemu.try_clone().map_err(|e| e.to_string())?;
     let session = session.clone();
-    Ok(crate::relay::spawn_named("ps-return-path", move || {
+    crate::relay::spawn_named("ps-return-path", move || {
         let (raw, wire) = session.direction(false);
         let mut to_qemu = WatchedWriter {
             inner: &mut qemu_out,
@@ -635,7 +635,8 @@ fn source_return_path(
                 Err(why)
             }
         }
-    }))
+    })
+    .map_err(|e| format!("return path: cannot start a thread: {e}"))
 }
 
 /// Gives a page-transport connection to its session's acceptor (and to the session's list of
@@ -1548,8 +1549,10 @@ pub(crate) fn destination_return_path(
             .ok_or("the main channel is not connected")?;
         // The source sends nothing this way but its end marker.
         let mut link_in = link.try_clone().map_err(|e| e.to_string())?;
-        let drain =
-            std::thread::spawn(move || link::from_link(&mut link_in, &mut io::sink(), |_, _| {}));
+        let drain = crate::relay::spawn_named("ps-return-drain", move || {
+            link::from_link(&mut link_in, &mut io::sink(), |_, _| {})
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
         let mut link_out = link;
         let (raw, wire) = session.direction(false);
         let mut from_qemu = WatchedReader::new(&mut qemu, Watch::ReturnPath(session));

@@ -767,7 +767,8 @@ pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
     } else {
         "from QEMU"
     };
-    std::thread::spawn(move || {
+    let warn = log.clone();
+    let spawned = spawn_named("ps-progress", move || {
         let mut last = 0;
         loop {
             std::thread::sleep(Duration::from_secs(1));
@@ -787,6 +788,11 @@ pub(crate) fn progress(session: Arc<Session>, side: &'static str, log: Log) {
             last = raw;
         }
     });
+    if let Err(e) = spawned {
+        warn(&format!(
+            "{side} shim: no progress lines for this migration: cannot start a thread: {e}"
+        ));
+    }
 }
 
 /// Why a migration whose stream the source QEMU stopped midway failed (opaque mode).
@@ -1371,7 +1377,8 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
             None => return Ok(summaries),
         };
         let (config, current, done_tx) = (config.clone(), current.clone(), done_tx.clone());
-        spawn_named("ps-src-conn", move || {
+        let log = config.log.clone();
+        let spawned = spawn_named("ps-src-conn", move || {
             let mut conn = conn;
             let pid = conn.peer_pid();
             let takes_unannounced = || {
@@ -1503,6 +1510,12 @@ pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
                 );
             }
         });
+        if let Err(e) = spawned {
+            // The connection closes with the thread's closure: its QEMU's migration fails.
+            log(&format!(
+                "source shim: refused a connection: cannot start a thread: {e}"
+            ));
+        }
     }
 }
 
@@ -1612,16 +1625,13 @@ impl std::fmt::Debug for DestinationConfig {
     }
 }
 
-/// Starts a thread named `name`, as `std::thread::spawn` does otherwise: profiles and `top -H`
-/// then tell the shims' threads apart.
+/// Starts a thread named `name`: profiles and `top -H` then tell the shims' threads apart.
+/// A system out of threads says so (`std::thread::spawn` would panic).
 pub(crate) fn spawn_named<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .expect("the system starts a thread")
+) -> io::Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new().name(name.into()).spawn(f)
 }
 
 /// Connects to QEMU, retrying for a while: the destination QEMU may still be starting.
@@ -1678,7 +1688,8 @@ pub fn run_destination_on(
             unreachable!("the destination listens on TCP");
         };
         let (config, sessions, done_tx) = (config.clone(), sessions.clone(), done_tx.clone());
-        spawn_named("ps-dst-conn", move || {
+        let log = config.log.clone();
+        let spawned = spawn_named("ps-dst-conn", move || {
             let peer = link.peer_addr().ok();
             let trusted =
                 config.allow_remote_without_key || peer.is_some_and(|p| p.ip().is_loopback());
@@ -1856,6 +1867,12 @@ pub fn run_destination_on(
                 );
             }
         });
+        if let Err(e) = spawned {
+            // The connection closes with the thread's closure: its QEMU's migration fails.
+            log(&format!(
+                "destination shim: refused a connection: cannot start a thread: {e}"
+            ));
+        }
     }
 }
 
