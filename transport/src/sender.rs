@@ -409,18 +409,28 @@ impl Sender {
                 timeout: config.timeout,
                 receiver_busy,
             }
-            .spawn(),
+            .spawn()
+            .map_err(|source| TransportError::Connect {
+                what: "cannot start the control connection's reader thread".into(),
+                source,
+            })?,
         );
         let (heartbeat_stop, heartbeat_wake) = bounded(0);
-        threads.push(spawn_heartbeat(
-            writer.clone(),
-            failure.clone(),
-            stop.clone(),
-            heartbeat_wake,
-            last_heard,
-            config.heartbeat,
-            config.timeout,
-        ));
+        threads.push(
+            spawn_heartbeat(
+                writer.clone(),
+                failure.clone(),
+                stop.clone(),
+                heartbeat_wake,
+                last_heard,
+                config.heartbeat,
+                config.timeout,
+            )
+            .map_err(|source| TransportError::Connect {
+                what: "cannot start the heartbeat thread".into(),
+                source,
+            })?,
+        );
         (config.log)(&format!(
             "session {session_id}: {channels} channels over {}",
             connector.backend()
@@ -788,7 +798,7 @@ struct ControlReader {
 }
 
 impl ControlReader {
-    fn spawn(self) -> JoinHandle<()> {
+    fn spawn(self) -> std::io::Result<JoinHandle<()>> {
         let ControlReader {
             mut reader,
             mut pending,
@@ -799,51 +809,55 @@ impl ControlReader {
             timeout,
             receiver_busy,
         } = self;
-        std::thread::spawn(move || {
-            loop {
-                let message = match read_message(&mut reader, &mut pending) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        if !stop.load(Ordering::SeqCst) {
-                            failure.fail(timeout_error(e, "destination heartbeat", timeout));
+        std::thread::Builder::new()
+            .name("ps-control-in".into())
+            .spawn(move || {
+                loop {
+                    let message = match read_message(&mut reader, &mut pending) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            if !stop.load(Ordering::SeqCst) {
+                                failure.fail(timeout_error(e, "destination heartbeat", timeout));
+                            }
+                            return;
                         }
-                        return;
-                    }
-                };
-                *last_heard.lock().expect("not poisoned") = Instant::now();
-                let event = match message {
-                    Message::PassApplied { generation } => ControlEvent::PassApplied(generation),
-                    Message::Complete { pages } => {
-                        // The session is over: the destination closes its end next, which is no
-                        // failure, and the heartbeat must stop writing.
-                        stop.store(true, Ordering::SeqCst);
-                        let _ = events.send(ControlEvent::Complete(pages));
-                        return;
-                    }
-                    Message::Pong(_) => continue,
-                    Message::Feedback { busy_permille } => {
-                        for (slot, busy) in receiver_busy.iter().zip(busy_permille) {
-                            slot.store(u32::from(busy), Ordering::Relaxed);
+                    };
+                    *last_heard.lock().expect("not poisoned") = Instant::now();
+                    let event = match message {
+                        Message::PassApplied { generation } => {
+                            ControlEvent::PassApplied(generation)
                         }
-                        continue;
-                    }
-                    Message::Error { channel, message } => {
-                        failure.fail(TransportError::Peer { channel, message });
+                        Message::Complete { pages } => {
+                            // The session is over: the destination closes its end next, which is no
+                            // failure, and the heartbeat must stop writing.
+                            stop.store(true, Ordering::SeqCst);
+                            let _ = events.send(ControlEvent::Complete(pages));
+                            return;
+                        }
+                        Message::Pong(_) => continue,
+                        Message::Feedback { busy_permille } => {
+                            for (slot, busy) in receiver_busy.iter().zip(busy_permille) {
+                                slot.store(u32::from(busy), Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                        Message::Error { channel, message } => {
+                            failure.fail(TransportError::Peer { channel, message });
+                            return;
+                        }
+                        other => {
+                            failure.fail(TransportError::Protocol(format!(
+                                "unexpected {} from the destination",
+                                other.name()
+                            )));
+                            return;
+                        }
+                    };
+                    if events.send(event).is_err() {
                         return;
                     }
-                    other => {
-                        failure.fail(TransportError::Protocol(format!(
-                            "unexpected {} from the destination",
-                            other.name()
-                        )));
-                        return;
-                    }
-                };
-                if events.send(event).is_err() {
-                    return;
                 }
-            }
-        })
+            })
     }
 }
 
@@ -855,40 +869,42 @@ fn spawn_heartbeat(
     last_heard: Arc<Mutex<Instant>>,
     interval: Duration,
     timeout: Duration,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut nonce = 0;
-        while !stop.load(Ordering::SeqCst) && !failure.has_failed() {
-            // Woken at once when the session ends (`wake` disconnects) or fails, so that
-            // joining this thread never holds up the end of a session.
-            select! {
-                recv(wake) -> _ => return,
-                recv(failure.signal()) -> _ => return,
-                default(interval) => {}
-            }
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if last_heard.lock().expect("not poisoned").elapsed() > timeout {
-                failure.fail(TransportError::Timeout {
-                    what: "heartbeat",
-                    after: timeout,
-                });
-                return;
-            }
-            nonce += 1;
-            let sent = write_message(
-                &mut **writer.lock().expect("not poisoned"),
-                &Message::Ping(nonce),
-            );
-            if let Err(e) = sent {
-                if !stop.load(Ordering::SeqCst) {
-                    failure.fail(e);
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("ps-heartbeat".into())
+        .spawn(move || {
+            let mut nonce = 0;
+            while !stop.load(Ordering::SeqCst) && !failure.has_failed() {
+                // Woken at once when the session ends (`wake` disconnects) or fails, so that
+                // joining this thread never holds up the end of a session.
+                select! {
+                    recv(wake) -> _ => return,
+                    recv(failure.signal()) -> _ => return,
+                    default(interval) => {}
                 }
-                return;
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                if last_heard.lock().expect("not poisoned").elapsed() > timeout {
+                    failure.fail(TransportError::Timeout {
+                        what: "heartbeat",
+                        after: timeout,
+                    });
+                    return;
+                }
+                nonce += 1;
+                let sent = write_message(
+                    &mut **writer.lock().expect("not poisoned"),
+                    &Message::Ping(nonce),
+                );
+                if let Err(e) = sent {
+                    if !stop.load(Ordering::SeqCst) {
+                        failure.fail(e);
+                    }
+                    return;
+                }
             }
-        }
-    })
+        })
 }
 
 /// One channel's encoder and writer, on its own thread.
