@@ -281,8 +281,19 @@ impl PendingSession {
                 }
             }
             {
-                let (writer, progress, failure) = (&writer, &progress, &failure);
-                scope.spawn(move || send_feedback(writer, progress, failure, serving));
+                let (writer, progress, failure_ref) = (&writer, &progress, &failure);
+                let spawned = std::thread::Builder::new()
+                    .name("ps-feedback".into())
+                    .spawn_scoped(scope, move || {
+                        send_feedback(writer, progress, failure_ref, serving)
+                    });
+                if let Err(source) = spawned {
+                    failure.fail(TransportError::Connect {
+                        what: "cannot start the feedback thread".into(),
+                        source,
+                    });
+                    return Err(failure.error());
+                }
             }
             let result = serve_control(
                 control.reader,
