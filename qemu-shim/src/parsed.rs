@@ -1874,6 +1874,59 @@ mod tests {
         assert!(decode_blocks(&longer, &layout).is_err());
     }
 
+    /// The destination's rebuilding says when the stream it handed QEMU ended as a finished
+    /// migration's: a multifd channel QEMU closes after that is no failure
+    /// (`relay::ClosedAfterEnd`).
+    #[test]
+    fn the_rebuilding_tells_when_the_whole_stream_was_handed_over() {
+        let blocks = vec![RamBlock {
+            name: "pc.ram".into(),
+            used_length: 64 << 12,
+        }];
+        let (qemu, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let staging = Staging::default();
+        let session = Session::new([4; 16]);
+        let mut rebuild = Rebuild {
+            out: BufWriter::new(Conn::Unix(qemu)),
+            layout: MemoryLayout::new(vec![64]).unwrap(),
+            blocks: Vec::new(),
+            staging: &staging,
+            written: 0,
+            session: &session,
+            mode: None,
+            ended_early: None,
+            source_finished: false,
+            multifd: None,
+            discipline: None,
+            pages_since_sync: false,
+            qemu_reads: false,
+            headers: Vec::new(),
+            end: EndWatch::new(),
+        };
+        let bytes = |stream: &[u8]| {
+            let mut blob = vec![BLOB_BYTES];
+            blob.extend_from_slice(&0u32.to_be_bytes());
+            blob.extend_from_slice(stream);
+            blob
+        };
+        rebuild.blob(0, &encode_blocks(&blocks)).unwrap();
+        let mut opening = stream::QEVM.to_vec();
+        opening.extend_from_slice(&[0, 0, 0, 3, stream::CONFIGURATION]);
+        opening.extend_from_slice(&4u32.to_be_bytes());
+        opening.extend_from_slice(b"pc-q");
+        rebuild.blob(1, &bytes(&opening)).unwrap();
+        assert!(!session.stream_delivered.load(Ordering::SeqCst));
+        let json = b"{\"page_size\":4096}";
+        let mut end = vec![stream::SECTION_EOF, stream::VMDESCRIPTION];
+        end.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        end.extend_from_slice(json);
+        // The end in two pieces: handed over only with the last byte.
+        rebuild.blob(2, &bytes(&end[..end.len() - 1])).unwrap();
+        assert!(!session.stream_delivered.load(Ordering::SeqCst));
+        rebuild.blob(3, &bytes(&end[end.len() - 1..])).unwrap();
+        assert!(session.stream_delivered.load(Ordering::SeqCst));
+    }
+
     #[test]
     fn record_headers_match_the_stream_encoding() {
         let mut header = [0u8; 264];

@@ -495,7 +495,7 @@ impl Members {
 }
 
 impl Session {
-    fn new(id: [u8; 16]) -> Arc<Self> {
+    pub(crate) fn new(id: [u8; 16]) -> Arc<Self> {
         Arc::new(Session {
             id,
             started: Instant::now(),
