@@ -209,11 +209,7 @@ fn transport(args: TransportArgs) -> Result<()> {
         inflight_bytes: parse_inflight(&args.inflight)?,
         blocking: args.blocking,
     };
-    let spinner = progress::spinner("benchmarking");
-    let report = transport_bench::run(&image, &config, |step| {
-        spinner.set_message(step.to_string())
-    });
-    spinner.finish_and_clear();
+    let report = progress::benchmarking(|step| transport_bench::run(&image, &config, step));
     let report = report.map_err(anyhow::Error::msg)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -393,11 +389,7 @@ fn qemu(args: QemuArgs) -> Result<()> {
         qemu: qemu_arg(&args.qemu, &std::env::current_dir()?)?,
     };
     let workspace = std::env::current_dir()?;
-    let spinner = progress::spinner("benchmarking");
-    let report = qemu_bench::run(&workspace, &config, |step| {
-        spinner.set_message(step.to_string())
-    });
-    spinner.finish_and_clear();
+    let report = progress::benchmarking(|step| qemu_bench::run(&workspace, &config, step));
     let report = report.map_err(anyhow::Error::msg)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -616,11 +608,8 @@ fn shim(args: ShimArgs) -> Result<()> {
         repeat: args.repeat,
         shim_log: args.shim_log,
     };
-    let spinner = progress::spinner("benchmarking");
-    let report = shim_bench::run(std::sync::Arc::new(stream), &reference, &config, |step| {
-        spinner.set_message(step.to_string())
-    });
-    spinner.finish_and_clear();
+    let stream = std::sync::Arc::new(stream);
+    let report = progress::benchmarking(|step| shim_bench::run(stream, &reference, &config, step));
     let report = report.map_err(anyhow::Error::msg)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

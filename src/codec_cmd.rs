@@ -142,11 +142,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     if padded && !args.json {
         eprintln!("note: the image is not a whole number of pages; the last page is zero-padded");
     }
-    let spinner = progress::spinner("benchmarking");
-    let report = codec_bench::run(&image, &config, |step| {
-        spinner.set_message(step.to_string())
-    });
-    spinner.finish_and_clear();
+    let report = progress::benchmarking(|step| codec_bench::run(&image, &config, step));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -24,3 +24,11 @@ pub fn spinner(message: &str) -> ProgressBar {
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
 }
+
+/// Runs a benchmark behind a "benchmarking" spinner that shows the step it reports.
+pub fn benchmarking<T>(run: impl FnOnce(&dyn Fn(&str)) -> T) -> T {
+    let spinner = spinner("benchmarking");
+    let result = run(&|step| spinner.set_message(step.to_string()));
+    spinner.finish_and_clear();
+    result
+}
