@@ -239,10 +239,7 @@ fn methods_arg<M: Copy>(text: &str, all: &[M], name: impl Fn(M) -> &'static str)
 
 /// `--qemu`: "system" (qemu-system-x86_64 on the PATH) or "10" (the QEMU 10 that
 /// scripts/install-qemu10.sh unpacked under `workspace`).
-fn qemu_arg(
-    text: &str,
-    workspace: &std::path::Path,
-) -> Result<pagestream_qemu_shim::vm::QemuBuild> {
+fn qemu_arg(text: &str, workspace: &std::path::Path) -> Result<QemuBuild> {
     match text {
         "system" => Ok(QemuBuild::System),
         "10" => QemuBuild::qemu10(workspace).map_err(anyhow::Error::msg),
