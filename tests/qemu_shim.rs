@@ -28,6 +28,35 @@ use serde_json::json;
 
 const MEMORY_MIB: u32 = 256;
 
+/// How big a test guest is, and how much of it its workload fills with content before the
+/// migration, MiB.
+#[derive(Clone, Copy, Debug)]
+struct GuestSize {
+    memory_mib: u32,
+    fill_mib: u32,
+}
+
+impl Default for GuestSize {
+    /// The suite's guest: small, so that the suite stays quick under TCG.
+    fn default() -> Self {
+        GuestSize {
+            memory_mib: MEMORY_MIB,
+            fill_mib: 96,
+        }
+    }
+}
+
+/// The most memory the page codec's caches take at each end, for any guest: content for
+/// duplicates and previous versions for deltas.
+const PAGE_CACHES: u64 =
+    pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES + pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES;
+
+/// The benchmark's guest (`bench qemu --mem 1024 --fill 512`).
+const LARGE_GUEST: GuestSize = GuestSize {
+    memory_mib: 1024,
+    fill_mib: 512,
+};
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -134,6 +163,7 @@ struct Emulator {
     /// Equipped as a production VM is ([`production_devices`]), on a q35 machine with 2 CPUs;
     /// the bare test guest (1 CPU, no NIC, no disk) without.
     production: bool,
+    size: GuestSize,
 }
 
 /// The devices of a VM set up as production VMs are: virtio NIC and disk behind PCI Express
@@ -196,8 +226,8 @@ fn vm_of(
         &VmConfig {
             name: name.into(),
             dir: dir.to_path_buf(),
-            memory_mib: MEMORY_MIB,
-            fill_mib: 96,
+            memory_mib: qemu.size.memory_mib,
+            fill_mib: qemu.size.fill_mib,
             dirty_rate,
             incoming: incoming.map(str::to_string),
             paused: incoming.is_some(),
@@ -229,7 +259,12 @@ fn wait_loaded(vm: &mut QemuVm) {
 }
 
 fn memory(vm: &mut QemuVm, path: &Path) -> Vec<u8> {
-    vm.memory(path, ram_bytes(MEMORY_MIB)).unwrap()
+    memory_of(vm, path, GuestSize::default())
+}
+
+/// The memory of a VM whose guest is `size`.
+fn memory_of(vm: &mut QemuVm, path: &Path, size: GuestSize) -> Vec<u8> {
+    vm.memory(path, ram_bytes(size.memory_mib)).unwrap()
 }
 
 struct Setup {
@@ -240,6 +275,7 @@ struct Setup {
     send: Proc,
     /// Where the destination shim listens.
     port: u16,
+    size: GuestSize,
 }
 
 /// Two VMs and two shims, ready to migrate; `caps` set on both VMs.
@@ -287,6 +323,8 @@ struct Sides<'a> {
     dst_qemu10: bool,
     /// Both VMs equipped as production VMs are (see [`Emulator::production`]).
     production: bool,
+    /// Both guests' size.
+    size: GuestSize,
 }
 
 /// Like [`setup_with`], with whatever differs between the hosts in `sides`.
@@ -307,6 +345,7 @@ fn setup_sides(
         qemu10,
         dst_qemu10,
         production,
+        size,
     } = sides;
     let guest = Guest::locate(&workspace()).expect("test guest (scripts/build-guest.sh)");
     let qemu10_build =
@@ -319,18 +358,21 @@ fn setup_sides(
         },
         machine: None,
         production,
+        size,
     };
     let dst_qemu = if dst_qemu10 {
         Emulator {
             build: qemu10_build(),
             machine: Some("pc-i440fx-7.2"),
             production,
+            size,
         }
     } else {
         Emulator {
             build: src_qemu.build.clone(),
             machine: None,
             production,
+            size,
         }
     };
     let scratch = Scratch::new(name);
@@ -374,6 +416,7 @@ fn setup_sides(
         recv,
         send,
         port,
+        size,
     }
 }
 
@@ -435,8 +478,8 @@ fn check_migration(s: &mut Setup, send_says: &[&str], recv_says: &[&str]) -> ser
     // not hear from the destination): the last bytes may still be on their way through the
     // shims. Look at the destination only once it has loaded them.
     wait_loaded(&mut s.dst);
-    let a = memory(&mut s.src, &s.scratch.0.join("src.mem"));
-    let b = memory(&mut s.dst, &s.scratch.0.join("dst.mem"));
+    let a = memory_of(&mut s.src, &s.scratch.0.join("src.mem"), s.size);
+    let b = memory_of(&mut s.dst, &s.scratch.0.join("dst.mem"), s.size);
     check_identical(&a, &b, "between source and destination").unwrap();
     let dir = s.scratch.0.clone();
     let mut tls = false;
@@ -495,6 +538,30 @@ fn check_migration(s: &mut Setup, send_says: &[&str], recv_says: &[&str]) -> ser
             summary["stream"]["wire_bytes"].as_u64().unwrap() > 8 << 20,
             "{summary}"
         );
+        // What each shim cost its host, as its summary reports it.
+        let peak = summary["process"]["peak_resident_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: no peak resident memory: {summary}"));
+        assert!(
+            summary["process"]["cpu_s"]
+                .as_f64()
+                .is_some_and(|s| s > 0.0),
+            "{summary}"
+        );
+        // Each shim's buffering is bounded (QEMU must feel the link's pace), and its page
+        // caches hold at most `PAGE_CACHES` whatever the guest's size. Where the guest's content
+        // is four times that, a shim that queued the stream instead of slowing QEMU down would
+        // hold more than half of it (measured: 101-163 MiB per shim for 512 MiB of content).
+        let content = u64::from(s.size.fill_mib) << 20;
+        if content >= 4 * PAGE_CACHES {
+            assert!(
+                peak < content / 2,
+                "{name}: the shim held {} MiB, more than half the guest's {} MiB of content: \
+                 {summary}",
+                peak >> 20,
+                content >> 20
+            );
+        }
         // Both shims read the end of the source's stream: a finished migration's, except under
         // QEMU's own TLS, where there is nothing to read (the source shim, first here, says
         // why it carried the stream opaque).
@@ -1014,6 +1081,29 @@ fn migrate_into_destination_multifd(name: &str, channels: &str, hosts: Sides<'_>
     );
     let loading = format!("pages into the destination QEMU over its {channels} multifd channel(s)");
     migrate_and_verify(s, &[PARSING], &[PARSING, &loading]);
+}
+
+/// The benchmark's configuration at the benchmark's size (`bench qemu --mem 1024 --fill 512`,
+/// method `shim`: the return path on, the destination QEMU loading over 2 multifd channels):
+/// identical memory, and neither shim holding more than half the guest's content
+/// ([`check_migration`]).
+#[test]
+fn a_large_guest_migrates_with_each_shims_memory_bounded() {
+    let s = setup_sides(
+        "large",
+        &[("return-path", true)],
+        json!({}),
+        2000,
+        Sides {
+            recv_args: &["--qemu-multifd", "2"],
+            dst_caps: &[("multifd", true)],
+            dst_params: Some(json!({ "multifd-channels": 2, "multifd-compression": "none" })),
+            size: LARGE_GUEST,
+            ..Sides::default()
+        },
+    );
+    let loading = "pages into the destination QEMU over its 2 multifd channel(s)";
+    migrate_and_verify(s, &[PARSING], &[PARSING, loading]);
 }
 
 #[test]

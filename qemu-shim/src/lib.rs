@@ -7,6 +7,7 @@
 pub mod link;
 pub mod multifd;
 mod parsed;
+mod process_use;
 pub mod qmp;
 pub mod relay;
 mod return_path;

@@ -28,6 +28,7 @@ use pagecodec::{ClassCounts, PageClass};
 use crate::link::{self, Compression, Key, LinkHeader, Moved, StreamKind};
 use crate::multifd::QemuMultifd;
 use crate::parsed;
+use crate::process_use;
 use crate::return_path::ReturnPathWatch;
 use crate::stream;
 use crate::stream_end::{EndWatch, StreamEnd};
@@ -253,6 +254,11 @@ pub struct Summary {
     /// without reading their last bytes (QEMU 7.2's multifd channels end with a packet the
     /// destination need not read).
     pub closed_after_end: u32,
+    /// CPU time the process running this shim spent from the session's start to its summary,
+    /// all threads (see `process_use.rs`). `None` where it cannot be read.
+    pub process_cpu: Option<Duration>,
+    /// The most memory that process has held resident since it started, bytes.
+    pub peak_resident: Option<u64>,
     /// The first failure, if any.
     pub error: Option<String>,
 }
@@ -281,6 +287,10 @@ impl Summary {
             "destination_loaded": self.destination_loaded,
             "source_finished": self.source_finished,
             "closed_after_end": self.closed_after_end,
+            "process": {
+                "cpu_s": self.process_cpu.map(|cpu| cpu.as_secs_f64()),
+                "peak_resident_bytes": self.peak_resident,
+            },
             "error": self.error,
         })
     }
@@ -343,6 +353,18 @@ impl Summary {
                 self.closed_after_end
             ));
         }
+        if let Some(cpu) = self.process_cpu {
+            text.push_str(&format!(
+                "\n  this shim's process: {:.2} CPU-s over the migration",
+                cpu.as_secs_f64()
+            ));
+            if let Some(peak) = self.peak_resident {
+                text.push_str(&format!(
+                    ", at most {:.0} MiB resident",
+                    peak as f64 / (1 << 20) as f64
+                ));
+            }
+        }
         if let Some(e) = &self.error {
             text.push_str(&format!("\n  error: {e}"));
         }
@@ -366,6 +388,8 @@ pub const OPAQUE_MODE: &str = "opaque (every QEMU connection carried as a compre
 pub(crate) struct Session {
     pub(crate) id: [u8; 16],
     started: Instant,
+    /// The process's CPU time when the session started.
+    cpu_at_start: Option<Duration>,
     pub(crate) forward_raw: AtomicU64,
     /// Link bytes of the QEMU connections relayed as byte streams (opaque mode, and the
     /// multifd channels of a source QEMU in parsing mode).
@@ -499,6 +523,7 @@ impl Session {
         Arc::new(Session {
             id,
             started: Instant::now(),
+            cpu_at_start: process_use::process_cpu_time(),
             forward_raw: AtomicU64::new(0),
             forward_wire: AtomicU64::new(0),
             parsed_wire: AtomicU64::new(0),
@@ -702,6 +727,10 @@ impl Session {
             destination_loaded,
             source_finished,
             closed_after_end: self.closed_after_end.load(Ordering::Relaxed) as u32,
+            process_cpu: process_use::process_cpu_time()
+                .zip(self.cpu_at_start)
+                .map(|(now, start)| now.saturating_sub(start)),
+            peak_resident: process_use::peak_resident_bytes(),
             // What this shim saw first; then how the source's stream ended; then what the
             // destination QEMU said (the only word where the stream's end cannot tell).
             error: failed
@@ -2191,6 +2220,8 @@ mod tests {
             destination_loaded: Some(true),
             source_finished: Some(true),
             closed_after_end: 2,
+            process_cpu: Some(Duration::from_millis(1250)),
+            peak_resident: Some(150 << 20),
             error: None,
         };
         let json = summary.to_json("source shim");
@@ -2207,7 +2238,15 @@ mod tests {
         assert_eq!(json["destination_loaded"], true);
         assert_eq!(json["source_finished"], true);
         assert_eq!(json["closed_after_end"], 2);
+        assert_eq!(json["process"]["cpu_s"], 1.25);
+        assert_eq!(json["process"]["peak_resident_bytes"], 150 << 20);
         let text = summary.render("source shim");
+        assert!(
+            text.contains(
+                "this shim's process: 1.25 CPU-s over the migration, at most 150 MiB resident"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("the source QEMU finished its stream"),
             "{text}"
