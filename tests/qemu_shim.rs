@@ -51,6 +51,10 @@ impl Default for GuestSize {
 const PAGE_CACHES: u64 =
     pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES + pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES;
 
+/// What a shim may hold besides its page caches: its process, buffers, staging and page
+/// digests.
+const OTHER_MEMORY: u64 = 64 << 20;
+
 /// The benchmark's guest (`bench qemu --mem 1024 --fill 512`).
 const LARGE_GUEST: GuestSize = GuestSize {
     memory_mib: 1024,
@@ -549,19 +553,16 @@ fn check_migration(s: &mut Setup, send_says: &[&str], recv_says: &[&str]) -> ser
             "{summary}"
         );
         // Each shim's buffering is bounded (QEMU must feel the link's pace), and its page
-        // caches hold at most `PAGE_CACHES` whatever the guest's size. Where the guest's content
-        // is four times that, a shim that queued the stream instead of slowing QEMU down would
-        // hold more than half of it (measured: 101-163 MiB per shim for 512 MiB of content).
-        let content = u64::from(s.size.fill_mib) << 20;
-        if content >= 4 * PAGE_CACHES {
-            assert!(
-                peak < content / 2,
-                "{name}: the shim held {} MiB, more than half the guest's {} MiB of content: \
-                 {summary}",
-                peak >> 20,
-                content >> 20
-            );
-        }
+        // caches hold at most `PAGE_CACHES` whatever the guest's size; beyond them a shim holds
+        // its buffers, its staging and 16 bytes per page sent, for which `OTHER_MEMORY` allows.
+        // Measured: 100-117 MiB per shim for the large guest, 151-163 MiB with a busier guest
+        // on more channels; with the destination's staging unbounded, 278 MiB.
+        assert!(
+            peak < PAGE_CACHES + OTHER_MEMORY,
+            "{name}: the shim held {} MiB, more than its page caches and buffers may take: \
+             {summary}",
+            peak >> 20
+        );
         // Both shims read the end of the source's stream: a finished migration's, except under
         // QEMU's own TLS, where there is nothing to read (the source shim, first here, says
         // why it carried the stream opaque).
@@ -1085,8 +1086,9 @@ fn migrate_into_destination_multifd(name: &str, channels: &str, hosts: Sides<'_>
 
 /// The benchmark's configuration at the benchmark's size (`bench qemu --mem 1024 --fill 512`,
 /// method `shim`: the return path on, the destination QEMU loading over 2 multifd channels):
-/// identical memory, and neither shim holding more than half the guest's content
-/// ([`check_migration`]).
+/// identical memory, and neither shim holding more than its page caches and buffers may take
+/// ([`check_migration`]): with 512 MiB of content, a shim that queued the stream instead of
+/// slowing QEMU down would.
 #[test]
 fn a_large_guest_migrates_with_each_shims_memory_bounded() {
     let s = setup_sides(
