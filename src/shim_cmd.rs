@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use pagestream_qemu_shim::destination::{DestinationConfig, run_destination};
+use pagestream_qemu_shim::endpoint::Endpoint;
 use pagestream_qemu_shim::link::{Compression, Key};
 use pagestream_qemu_shim::multifd::QemuMultifd;
-use pagestream_qemu_shim::relay::{
-    DestinationConfig, Endpoint, Mode, SourceConfig, Summary, SummarySink, run_destination,
-    run_source,
-};
+use pagestream_qemu_shim::session::{Summary, SummarySink};
+use pagestream_qemu_shim::source::{Mode, SourceConfig, run_source};
 use pagestream_transport::net::stderr_log;
 
 #[derive(Subcommand, Debug)]

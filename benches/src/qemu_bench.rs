@@ -12,11 +12,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pagestream_qemu_shim::destination::{DestinationConfig, run_destination};
+use pagestream_qemu_shim::endpoint::Endpoint;
 use pagestream_qemu_shim::multifd::QemuMultifd;
 use pagestream_qemu_shim::qmp::event_time;
-use pagestream_qemu_shim::relay::{
-    DestinationConfig, Endpoint, Mode, SourceConfig, Summary, run_destination, run_source,
-};
+use pagestream_qemu_shim::session::Summary;
+use pagestream_qemu_shim::source::{Mode, SourceConfig, run_source};
 use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig};
 use serde::Serialize;
 use serde_json::{Value, json};

@@ -26,9 +26,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pagestream_qemu_shim::relay::{
-    DestinationConfig, Endpoint, Mode, SourceConfig, Summary, run_destination_on, run_source,
-};
+use pagestream_qemu_shim::destination::{DestinationConfig, run_destination_on};
+use pagestream_qemu_shim::endpoint::Endpoint;
+use pagestream_qemu_shim::session::Summary;
+use pagestream_qemu_shim::source::{Mode, SourceConfig, run_source};
 use pagestream_qemu_shim::stream::{Event, Parser, RamBlock, TARGET_PAGE_SIZE};
 use pagestream_qemu_shim::vm::{Guest, QemuBuild, QemuVm, VmConfig};
 use serde::Serialize;

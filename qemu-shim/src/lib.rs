@@ -4,6 +4,8 @@
 //! source shim, the destination shim feeds the destination QEMU's incoming socket, and between
 //! them the stream travels compressed and authenticated. See `DESIGN.md`.
 
+pub mod destination;
+pub mod endpoint;
 pub mod link;
 pub mod multifd;
 mod parsed;
@@ -11,6 +13,8 @@ mod process_use;
 pub mod qmp;
 pub mod relay;
 mod return_path;
+pub mod session;
+pub mod source;
 pub mod stream;
 mod stream_end;
 pub mod vm;

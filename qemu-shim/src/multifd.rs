@@ -39,7 +39,7 @@ use std::net::Shutdown;
 use crossbeam_channel::{Receiver, Sender};
 use pagecodec::PAGE_SIZE;
 
-use crate::relay::Conn;
+use crate::endpoint::Conn;
 use crate::stream::RamBlock;
 
 /// A multifd channel's first four bytes, and every packet's.

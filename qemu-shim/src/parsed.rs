@@ -44,12 +44,13 @@ use pagestream_transport::{
     TcpBackend, TcpConnector, accept,
 };
 
+use crate::destination::{DestinationConfig, QEMU_READY_TIMEOUT};
+use crate::endpoint::{Conn, connect_qemu};
 use crate::link::{self, Compression, Key, LinkHeader, StreamKind};
 use crate::multifd::{self, MultifdOut};
-use crate::relay::{
-    Conn, DestinationConfig, QEMU_READY_TIMEOUT, Session, SourceConfig, Watch, WatchedReader,
-    WatchedWriter, connect_destination, connect_qemu,
-};
+use crate::relay::{Watch, WatchedReader, WatchedWriter};
+use crate::session::Session;
+use crate::source::{SourceConfig, connect_destination};
 use crate::stream::{self, Event, MAX_RAM_BLOCKS, Parser, RamBlock, TARGET_PAGE_SIZE};
 use crate::stream_end::{EndWatch, StreamEnd};
 
@@ -609,7 +610,7 @@ fn source_return_path(
         .map_err(|e| format!("return path: {e}"))?;
     let mut qemu_out = qemu.try_clone().map_err(|e| e.to_string())?;
     let session = session.clone();
-    crate::relay::spawn_named("ps-return-path", move || {
+    crate::session::spawn_named("ps-return-path", move || {
         let (raw, wire) = session.direction(false);
         let mut to_qemu = WatchedWriter {
             inner: &mut qemu_out,
@@ -1549,7 +1550,7 @@ pub(crate) fn destination_return_path(
             .ok_or("the main channel is not connected")?;
         // The source sends nothing this way but its end marker.
         let mut link_in = link.try_clone().map_err(|e| e.to_string())?;
-        let drain = crate::relay::spawn_named("ps-return-drain", move || {
+        let drain = crate::session::spawn_named("ps-return-drain", move || {
             link::from_link(&mut link_in, &mut io::sink(), |_, _| {})
         })
         .map_err(|e| format!("cannot start a thread: {e}"))?;
