@@ -1,7 +1,7 @@
 //! The source shim: it listens where QEMU migrates to, tells QEMU's connections apart by their
 //! first bytes (the main channel starts with `QEVM`, a multifd channel with its own magic and
 //! channel id), groups them into a migration session, and opens one authenticated link per
-//! connection to the destination shim: the main channel in parsing mode (`parsed.rs`) whenever
+//! connection to the destination shim: the main channel in parsing mode (`parsed/`) whenever
 //! its stream can be parsed, every other connection relayed opaque (`relay.rs`).
 
 use std::io::{self, Read};
