@@ -14,6 +14,7 @@
 //! - Backends: io_uring TCP ([`uring`]) with a blocking-socket fallback ([`tcp`]), in-memory
 //!   ([`memory`]) for tests; all behind [`channel::FrameWriter`] and [`channel::FrameReader`].
 
+mod adaptive;
 pub mod channel;
 pub mod control;
 pub mod error;
