@@ -69,7 +69,8 @@ pub fn run(cmd: CodecCommand) -> Result<()> {
     }
 }
 
-fn size_arg(name: &str, value: &str) -> Result<u64> {
+/// A size option's value (`4096`, `64K`, `256M`, `1G`), or an error that names the option.
+pub(crate) fn size_arg(name: &str, value: &str) -> Result<u64> {
     parse_size(value)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("bad --{name}"))

@@ -12,6 +12,8 @@ use pagestream_qemu_shim::session::{Summary, SummarySink};
 use pagestream_qemu_shim::source::{Mode, SourceConfig, run_source};
 use pagestream_transport::net::stderr_log;
 
+use crate::codec_cmd::size_arg;
+
 #[derive(Subcommand, Debug)]
 pub enum ShimCommand {
     /// Source host: QEMU migrates to --listen, the stream goes to the destination shim.
@@ -42,6 +44,15 @@ pub struct SendArgs {
     /// Data channels of parsing mode (default: one per CPU, 2 to 8).
     #[arg(long)]
     channels: Option<u16>,
+    /// Parsing mode: memory for the page codec's content cache at each end (pages that repeat
+    /// one sent earlier go as a reference), e.g. 64M; 0 turns it off. The destination shim
+    /// takes the same size. Together with --delta-cache at most 1G.
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    dup_cache: String,
+    /// Parsing mode: memory for the delta cache at each end (a page sent again goes as its
+    /// difference from the version before), e.g. 64M; 0 turns deltas off.
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    delta_cache: String,
     /// Seconds the destination shim may stay unreachable (a network partition sends no reset)
     /// before the migration fails and QEMU is told (1 to 3600).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
@@ -162,6 +173,8 @@ pub fn run(cmd: ShimCommand) -> Result<()> {
                     Some(n) => bail!("--channels must be between 1 and 64, not {n}"),
                     None => pagestream_transport::default_channels(),
                 },
+                dup_cache_bytes: size_arg("dup-cache", &args.dup_cache)?,
+                delta_cache_bytes: size_arg("delta-cache", &args.delta_cache)?,
                 link_timeout: link_timeout(args.link_timeout)?,
                 on_summary: summary_sink(args.summary_json.as_deref())?,
                 once: args.once,

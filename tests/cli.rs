@@ -142,7 +142,12 @@ fn bad_input_gets_a_clear_error_and_a_failure_status() {
         args.extend_from_slice(extra);
         args
     };
-    let shim_cases: [(Vec<&str>, &str); 6] = [
+    let shim_cases: [(Vec<&str>, &str); 8] = [
+        (send(&["--dup-cache", "lots"]), "bad --dup-cache"),
+        (
+            send(&["--dup-cache", "1G", "--delta-cache", "64M"]),
+            "together they may take at most 1024 MiB",
+        ),
         (
             send(&["--summary-json", "/nonexistent/dir/s.json"]),
             "cannot open --summary-json /nonexistent/dir/s.json",

@@ -528,6 +528,8 @@ fn run_method(
                         Mode::Auto
                     },
                     channels: pagestream_transport::default_channels(),
+                    dup_cache_bytes: pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES,
+                    delta_cache_bytes: pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES,
                     link_timeout: pagestream_qemu_shim::link::DEFAULT_LINK_TIMEOUT,
                     on_summary: None,
                     once: true,

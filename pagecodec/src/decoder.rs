@@ -61,6 +61,10 @@ pub trait PageSink {
     }
 }
 
+/// The most memory a decoder gives a stream's caches unless told otherwise
+/// ([`DecoderLimits::max_cache_bytes`]): what a source may ask of any destination.
+pub const DEFAULT_MAX_CACHE_BYTES: u64 = 1 << 30;
+
 /// Limits a decoder enforces on what a stream may make it allocate or do.
 #[derive(Clone, Debug)]
 pub struct DecoderLimits {
@@ -78,7 +82,7 @@ impl Default for DecoderLimits {
     fn default() -> Self {
         Self {
             max_frame_body: MAX_FRAME_BODY,
-            max_cache_bytes: 1 << 30,
+            max_cache_bytes: DEFAULT_MAX_CACHE_BYTES,
             max_memory_bytes: 16 << 40,
             stream_id: None,
         }

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pagecodec::decoder::DEFAULT_MAX_CACHE_BYTES;
 use pagestream_transport::net::Log;
 
 use crate::endpoint::{Conn, Endpoint, Listener, accept_or_done};
@@ -52,6 +53,13 @@ pub struct SourceConfig {
     pub mode: Mode,
     /// Data channels of parsing mode's page transport.
     pub channels: u16,
+    /// Parsing mode: the page codec's content cache (duplicates), bytes in all, at each end (the
+    /// destination's decoders take the sizes the source's encoders announce); 0 turns duplicate
+    /// detection off. Default [`pagecodec::encoder::DEFAULT_DUP_CACHE_BYTES`].
+    pub dup_cache_bytes: u64,
+    /// Parsing mode: the delta cache (previous versions of pages sent more than once), likewise;
+    /// 0 turns deltas off. Default [`pagecodec::encoder::DEFAULT_DELTA_CACHE_BYTES`].
+    pub delta_cache_bytes: u64,
     /// How long the destination shim may stay unreachable before the migration fails
     /// ([`link::watch_liveness`]; default [`link::DEFAULT_LINK_TIMEOUT`]).
     pub link_timeout: Duration,
@@ -70,6 +78,22 @@ impl std::fmt::Debug for SourceConfig {
             .field("to", &self.to)
             .finish()
     }
+}
+
+/// Checks the page caches a source shim was given against what any destination shim gives
+/// them: its decoders refuse a stream whose caches exceed [`DEFAULT_MAX_CACHE_BYTES`], and
+/// the migration would fail only once it started.
+fn check_page_caches(dup_cache_bytes: u64, delta_cache_bytes: u64) -> Result<(), String> {
+    if dup_cache_bytes.saturating_add(delta_cache_bytes) > DEFAULT_MAX_CACHE_BYTES {
+        return Err(format!(
+            "page caches of {} MiB for duplicates and {} MiB for deltas: together they may take \
+             at most {} MiB, what a destination shim gives them",
+            dup_cache_bytes >> 20,
+            delta_cache_bytes >> 20,
+            DEFAULT_MAX_CACHE_BYTES >> 20
+        ));
+    }
+    Ok(())
 }
 
 /// What a QEMU connection's first bytes say it is.
@@ -188,6 +212,7 @@ fn random_id() -> [u8; 16] {
 /// Runs the source shim until killed (or, with `once`, until one migration ended). Returns the
 /// summaries of the migrations it carried.
 pub fn run_source(config: SourceConfig) -> Result<Vec<Summary>, String> {
+    check_page_caches(config.dup_cache_bytes, config.delta_cache_bytes)?;
     let listener = Listener::bind(&config.listen)?;
     let to: SocketAddr = config
         .to
@@ -468,6 +493,16 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn page_caches_are_checked_against_what_a_destination_gives_them() {
+        assert!(check_page_caches(64 << 20, 64 << 20).is_ok());
+        assert!(check_page_caches(0, 0).is_ok());
+        assert!(check_page_caches(DEFAULT_MAX_CACHE_BYTES, 0).is_ok());
+        let err = check_page_caches(DEFAULT_MAX_CACHE_BYTES, 1 << 20).unwrap_err();
+        assert!(err.contains("at most 1024 MiB"), "{err}");
+        assert!(check_page_caches(u64::MAX, u64::MAX).is_err());
+    }
 
     #[test]
     fn a_migration_takes_only_its_own_qemus_connections() {

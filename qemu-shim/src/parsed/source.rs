@@ -345,6 +345,8 @@ pub(crate) fn source_main(
             inflight_bytes: INFLIGHT_BYTES,
             frame_bytes: FRAME_BYTES,
             timeout: config.link_timeout,
+            dup_cache_bytes: config.dup_cache_bytes,
+            delta_cache_bytes: config.delta_cache_bytes,
             ..SenderConfig::default()
         },
     )
