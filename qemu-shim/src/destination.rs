@@ -166,6 +166,16 @@ pub fn run_destination_on(
                 };
             let _ = link.set_read_timeout(None);
             let main = matches!(header.kind, StreamKind::Main | StreamKind::Pages);
+            // Logs the session's summary and hands it on; whichever connection ends the session
+            // says so (the session reports once).
+            let report = |session: &Session| {
+                session.report(
+                    "destination shim",
+                    &config.log,
+                    config.on_summary.as_ref(),
+                    &done_tx,
+                )
+            };
             match header.kind {
                 StreamKind::Pages => {
                     if session.failed().is_some() {
@@ -192,12 +202,7 @@ pub fn run_destination_on(
                     }
                     session.closed(true);
                     session.wait_finished();
-                    session.report(
-                        "destination shim",
-                        &config.log,
-                        config.on_summary.as_ref(),
-                        &done_tx,
-                    );
+                    report(&session);
                     return;
                 }
                 StreamKind::ReturnPath => {
@@ -240,12 +245,7 @@ pub fn run_destination_on(
                 session.closed(main);
                 // The session failed for good: say so now, whether its main channel came yet
                 // or not (if it never comes, nothing else would).
-                session.report(
-                    "destination shim",
-                    &config.log,
-                    config.on_summary.as_ref(),
-                    &done_tx,
-                );
+                report(&session);
                 return;
             }
             session.opened();
@@ -277,12 +277,7 @@ pub fn run_destination_on(
             session.closed(main);
             if main {
                 session.wait_finished();
-                session.report(
-                    "destination shim",
-                    &config.log,
-                    config.on_summary.as_ref(),
-                    &done_tx,
-                );
+                report(&session);
             }
         });
         if let Err(e) = spawned {
