@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::endpoint::Conn;
 use crate::link::{self, Compression};
 use crate::session::Session;
+
 /// Which of a session's watches reads the bytes a relay moves: those of the main channel only.
 #[derive(Clone, Copy)]
 pub(crate) enum Watch<'a> {

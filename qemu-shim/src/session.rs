@@ -1,7 +1,7 @@
 //! One migration as either shim carries it: its QEMU connections, its byte counts, how its
 //! stream ended and what the destination QEMU said, and the summary it reports.
 
-use std::io::{self};
+use std::io;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
